@@ -1,0 +1,213 @@
+"""Load models safely: .pt2 programs, state_dict + --arch, torchvision names, trusted pickles.
+
+Checkpoints are untrusted input: unpickling a whole ``nn.Module`` runs code
+from the file. cgmq reads every file with ``torch.load(weights_only=True)``
+first, which only rebuilds tensors and plain containers; a file that needs more
+is refused unless the user passes ``--trust-checkpoint``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from cgmq_cli.errors import CheckpointError
+
+TORCHVISION = "torchvision:"
+STATE_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: enough to rebuild its architecture later."""
+
+    model: str  # a file path or "torchvision:NAME"
+    arch: str | None = None
+    trusted: bool = False
+    sha256: str | None = None
+    kind: str = "state_dict"  # "state_dict" | "pt2" | "torchvision" | "pickle"
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "arch": self.arch, "trusted": self.trusted, "sha256": self.sha256, "kind": self.kind}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"model file not found: {path}", "check the path, or use torchvision:NAME for a stock model")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a model file", "pass the checkpoint file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)", "the file was not written completely; save the model again")
+
+
+def _safe_load(path: Path, trusted: bool) -> Any:
+    """torch.load with weights_only=True; pickled objects only when trusted."""
+    names = _zip_names(path)
+    if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+        raise CheckpointError(f"{path} is a TorchScript archive, which cgmq does not support",
+                              "save a state_dict (torch.save(model.state_dict(), ...)) with --arch, or a .pt2 (torch.export.save)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "arbitrary Python objects"
+        if not trusted:
+            raise CheckpointError(
+                f"{path} contains a pickled Python object ({what}); unpickling it could run code from the file, so cgmq refuses",
+                "save model.state_dict() and pass --arch, or pass --trust-checkpoint if you trust this file",
+            ) from None
+    except Exception as exc:  # corrupt archive, garbage bytes, truncated zip
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format)",
+                              f"torch.load said: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be unpickled: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
+
+
+def _import_object(spec: str) -> Any:
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise CheckpointError(f"--arch {spec}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise CheckpointError(f"--arch {spec}: file {path} not found")
+            mod_spec = importlib.util.spec_from_file_location(f"cgmq_arch_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"--arch {spec}: cannot import {target}: {type(exc).__name__}: {exc}") from None
+    if not hasattr(module, name):
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        raise CheckpointError(f"--arch {spec}: {target} has no attribute {name}",
+                              f"did you mean {target}:{close[0]}?" if close else None)
+    return getattr(module, name)
+
+
+def build_arch(spec: str, num_classes: int | None = None) -> nn.Module:
+    """Instantiate an architecture: torchvision:NAME, package.module:Name or file.py:Name."""
+    if spec.startswith(TORCHVISION):
+        import torchvision
+
+        name = spec[len(TORCHVISION):]
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            raise CheckpointError(f"unknown torchvision model {name!r}", f"did you mean torchvision:{close[0]}?" if close else
+                                  "see torchvision.models.list_models()")
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        if name.startswith("inception") or name.startswith("googlenet"):
+            kwargs["aux_logits"] = False
+            kwargs["init_weights"] = False
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    factory = _import_object(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CheckpointError(f"--arch {spec}: calling {factory!r}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--arch {spec} did not produce an nn.Module (got {type(model).__name__})")
+    return model
+
+
+def _extract_state(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _extract_state(obj[key])
+    return None
+
+
+def _guess_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    last = [v for k, v in state.items() if k.endswith(".weight") and v.ndim == 2]
+    return int(last[-1].shape[0]) if last else None
+
+
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict) with an error that names the first mismatching key."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise CheckpointError(f"{what} does not fit the architecture: unexpected key {key!r}",
+                                  "check --arch: the checkpoint was saved from a different model")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{what} does not fit the architecture: {key!r} has shape {tuple(value.shape)} in the file "
+                f"but {tuple(own[key].shape)} in the model", "check --arch: the checkpoint was saved from a different model")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise CheckpointError(f"{what} does not fit the architecture: missing key {missing[0]!r}",
+                              "check --arch: the checkpoint was saved from a different model")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple[nn.Module, ModelSource]:
+    """Load MODEL as given on the command line; returns the model in eval mode and its source."""
+    if spec.startswith(TORCHVISION) and not Path(spec).exists():
+        if arch:
+            raise CheckpointError(f"{spec} already names the architecture; --arch is only for state_dict files")
+        return build_arch(spec).eval(), ModelSource(model=spec, kind="torchvision")
+    path = Path(spec)
+    _check_file(path)
+    digest = file_sha256(path)
+    if path.suffix == ".pt2":
+        return _load_pt2(path), ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2")
+    obj = _safe_load(path, trust)
+    if isinstance(obj, nn.Module):
+        return obj.eval(), ModelSource(model=str(path.resolve()), trusted=True, sha256=digest, kind="pickle")
+    state = _extract_state(obj)
+    if state is None:
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or model",
+                              "save model.state_dict() or use torch.export.save for a .pt2")
+    if not arch:
+        raise CheckpointError(f"{path} is a state_dict, which needs the architecture",
+                              "pass --arch package.module:Name, --arch path/to/file.py:Name or --arch torchvision:NAME")
+    model = build_arch(arch, _guess_num_classes(state) if arch.startswith(TORCHVISION) else None)
+    load_state_into(model, state, str(path))
+    return model.eval(), ModelSource(model=str(path.resolve()), arch=arch, sha256=digest, kind="state_dict")
+
+
+def _load_pt2(path: Path) -> nn.Module:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+    return program.module()

@@ -1,0 +1,142 @@
+"""GatedQuantizer: learned steps per width plus one gate variable per tensor.
+
+The gate ``g`` lives on a log2 scale: the width is the allowed width nearest to
+``2^g`` (``g = 1`` means 2 bits, ``3`` means 8, ``5`` means 32 = pass-through).
+Every allowed width below 32 keeps its own learned step (LSQ), so a gate that
+switches width finds a calibrated step waiting.
+
+In probe mode (gate epochs) the forward value is unchanged, but two
+straight-through terms make autograd deliver the first-order loss change of a
+width move into ``.grad``::
+
+    out = Q_b(x) + (g - g.detach()) * e_up + (p - p.detach()) * e_down
+    e_up   = Q_next(x) - Q_b(x)           (at the top width: Q_b(x) - Q_prev(x))
+    e_down = Q_prev(x) - Q_b(x)           (0 at the lowest width)
+    g.grad = <dL/dQ, e_up>,   p.grad = <dL/dQ, e_down>
+
+so ``g.grad < 0`` means more bits would lower the loss, and ``p.grad`` is the
+predicted loss increase of halving the width (used by the repair step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cgmq_cli.quant import functional as F
+
+ACT_CALIBRATION_SAMPLES = 1 << 18
+
+
+class GatedQuantizer(nn.Module):
+    """Fake-quantizer of one tensor (a layer's weight or its input activation)."""
+
+    def __init__(
+        self,
+        kind: str,
+        allowed: Sequence[int],
+        channels: int | None = None,
+        signedness: str = "auto",
+    ) -> None:
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
+        self.kind = kind
+        self.allowed = tuple(sorted(set(int(b) for b in allowed)))
+        self.per_channel = channels is not None
+        self.signedness = "signed" if kind == "weight" else signedness
+        shape = (channels,) if channels is not None else ()
+        self.steps = nn.ParameterDict(
+            {str(b): nn.Parameter(torch.ones(shape)) for b in self.allowed if b < F.FLOAT_BITS}
+        )
+        self.gate = nn.Parameter(torch.tensor(math.log2(self.allowed[-1])), requires_grad=False)
+        self.down_probe = nn.Parameter(torch.tensor(0.0), requires_grad=False)
+        self.register_buffer("signed", torch.tensor(self.signedness != "unsigned"))
+        self.probing = False
+
+    # -- width -----------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        """The allowed width nearest to 2^g on the log2 scale (ties go to fewer bits)."""
+        g = float(self.gate.detach())
+        return min(self.allowed, key=lambda b: (abs(math.log2(b) - g), b))
+
+    def set_bits(self, bits: int) -> None:
+        if bits not in self.allowed:
+            raise ValueError(f"{bits} bits not in allowed set {self.allowed}")
+        with torch.no_grad():
+            self.gate.fill_(math.log2(bits))
+
+    def neighbour(self, direction: int) -> int | None:
+        """The next wider (+1) or narrower (-1) allowed width, or None at the end."""
+        i = self.allowed.index(self.bits) + direction
+        return self.allowed[i] if 0 <= i < len(self.allowed) else None
+
+    def clamp_gate(self) -> None:
+        with torch.no_grad():
+            self.gate.clamp_(math.log2(self.allowed[0]), math.log2(self.allowed[-1]))
+
+    # -- quantization ----------------------------------------------------------
+    @property
+    def is_signed(self) -> bool:
+        return bool(self.signed)
+
+    def step(self, bits: int) -> torch.Tensor:
+        """The positive step of a width (clamped away from zero)."""
+        return self.steps[str(bits)].clamp_min(1e-8)
+
+    def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Q_bits(x): fake-quantized values on the width's integer grid (STE, LSQ)."""
+        if bits >= F.FLOAT_BITS:
+            return x
+        qmin, qmax = F.qrange(bits, self.is_signed)
+        step = self.step(bits)
+        per_step = x.numel() // max(step.numel(), 1)
+        step = F.scale_grad(step, F.lsq_grad_factor(per_step, qmax))
+        return F.fake_quant(x, F.channel_view(step, x.ndim), qmin, qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.bits
+        q = self.quantize(x, bits)
+        if not self.probing:
+            return q
+        with torch.no_grad():
+            up, down = self.neighbour(+1), self.neighbour(-1)
+            if up is not None:
+                e_up = self.quantize(x, up) - q
+            elif down is not None:
+                e_up = q - self.quantize(x, down)
+            else:
+                e_up = torch.zeros_like(q)
+            e_down = self.quantize(x, down) - q if down is not None else torch.zeros_like(q)
+        g, p = self.gate, self.down_probe
+        return q + (g - g.detach()) * e_up + (p - p.detach()) * e_down
+
+    # -- calibration -----------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Initialise every width's step by minimising the quantization MSE on ``x``.
+
+        ``x`` is the weight itself, or a calibration batch of inputs (flattened
+        and subsampled to a fixed size). With signedness "auto", activations that
+        were never negative get the unsigned grid.
+        """
+        x = x.detach().float()
+        if self.kind == "act":
+            x = x.reshape(-1)
+            if x.numel() > ACT_CALIBRATION_SAMPLES:
+                gen = torch.Generator().manual_seed(0)
+                idx = torch.randperm(x.numel(), generator=gen)[:ACT_CALIBRATION_SAMPLES]
+                x = x[idx.to(x.device)]
+            if self.signedness == "auto":
+                self.signed.fill_(bool((x < 0).any()))
+        for key, param in self.steps.items():
+            step = F.mse_optimal_step(x, int(key), self.is_signed, self.per_channel)
+            param.copy_(step.to(param.device).reshape(param.shape))
+
+    def extra_repr(self) -> str:
+        grain = "per-channel" if self.per_channel else "per-tensor"
+        return f"{self.kind}, bits={self.bits}, allowed={self.allowed}, {grain}, signed={self.is_signed}"
