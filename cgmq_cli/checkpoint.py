@@ -38,9 +38,11 @@ class ModelSource:
     trusted: bool = False
     sha256: str | None = None
     kind: str = "state_dict"  # "state_dict" | "pt2" | "torchvision" | "pickle"
+    sample_shape: tuple[int, ...] | None = None  # one example's shape, when the file records it
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "arch": self.arch, "trusted": self.trusted, "sha256": self.sha256, "kind": self.kind}
+        return {"model": self.model, "arch": self.arch, "trusted": self.trusted, "sha256": self.sha256,
+                "kind": self.kind, "sample_shape": list(self.sample_shape) if self.sample_shape else None}
 
 
 def file_sha256(path: Path) -> str:
@@ -188,7 +190,8 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     _check_file(path)
     digest = file_sha256(path)
     if path.suffix == ".pt2":
-        return _load_pt2(path), ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2")
+        module, shape = _load_pt2(path)
+        return module, ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2", sample_shape=shape)
     obj = _safe_load(path, trust)
     if isinstance(obj, nn.Module):
         return obj.eval(), ModelSource(model=str(path.resolve()), trusted=True, sha256=digest, kind="pickle")
@@ -204,10 +207,13 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     return model.eval(), ModelSource(model=str(path.resolve()), arch=arch, sha256=digest, kind="state_dict")
 
 
-def _load_pt2(path: Path) -> nn.Module:
+def _load_pt2(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """The program's module and the shape of one example of its first input."""
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
-    return program.module()
+    args = program.example_inputs[0] if program.example_inputs else ()
+    shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
+    return program.module(), shape

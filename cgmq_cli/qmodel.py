@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from cgmq_cli import cost
+from cgmq_cli.errors import UsageError
 from cgmq_cli.graph import passes, trace
 from cgmq_cli.quant.modules import GatedQuantizer
 
@@ -118,6 +119,11 @@ def prepare(
     gm = passes.fold_batchnorm(gm)
     gm, layers = passes.insert_quantizers(gm, widths_for, input_bits, signedness, per_channel)
     example = torch.zeros((1, *sample_shape))
-    macs = cost.layer_macs(gm, {layer.name: layer.calls for layer in layers}, example)
+    try:
+        macs = cost.layer_macs(gm, {layer.name: layer.calls for layer in layers}, example)
+    except Exception as exc:  # any shape error inside the user's forward
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(f"the model does not accept inputs of shape {tuple(example.shape)}: {first}",
+                         "check --input-shape (batch first) or the data set") from None
     shapes = [cost.LayerShape(layer.name, layer.op, macs[layer.name], layer.params, layer.bias_params) for layer in layers]
     return QuantizedModel(gm=gm, layers=layers, shapes=shapes, sample_shape=tuple(sample_shape))

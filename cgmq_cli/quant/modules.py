@@ -2,8 +2,8 @@
 
 The gate ``g`` lives on a log2 scale: the width is the allowed width nearest to
 ``2^g`` (``g = 1`` means 2 bits, ``3`` means 8, ``5`` means 32 = pass-through).
-Every allowed width below 32 keeps its own learned step (LSQ), so a gate that
-switches width finds a calibrated step waiting.
+Every allowed width below 32 keeps its own learned step (LSQ, stored as log s),
+so a gate that switches width finds a calibrated step waiting.
 
 In probe mode (gate epochs) the forward value is unchanged, but two
 straight-through terms make autograd deliver the first-order loss change of a
@@ -50,7 +50,7 @@ class GatedQuantizer(nn.Module):
         self.signedness = "signed" if kind == "weight" else signedness
         shape = (channels,) if channels is not None else ()
         self.steps = nn.ParameterDict(
-            {str(b): nn.Parameter(torch.ones(shape)) for b in self.allowed if b < F.FLOAT_BITS}
+            {str(b): nn.Parameter(torch.zeros(shape)) for b in self.allowed if b < F.FLOAT_BITS}
         )
         self.gate = nn.Parameter(torch.tensor(math.log2(self.allowed[-1])), requires_grad=False)
         self.down_probe = nn.Parameter(torch.tensor(0.0), requires_grad=False)
@@ -85,8 +85,9 @@ class GatedQuantizer(nn.Module):
         return bool(self.signed)
 
     def step(self, bits: int) -> torch.Tensor:
-        """The positive step of a width (clamped away from zero)."""
-        return self.steps[str(bits)].clamp_min(1e-8)
+        """The positive step of a width. Steps are stored as log(s), so that an
+        optimiser's learning rate is a relative change and s can never reach zero."""
+        return self.steps[str(bits)].exp()
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         """Q_bits(x): fake-quantized values on the width's integer grid (STE, LSQ)."""
@@ -135,7 +136,7 @@ class GatedQuantizer(nn.Module):
                 self.signed.fill_(bool((x < 0).any()))
         for key, param in self.steps.items():
             step = F.mse_optimal_step(x, int(key), self.is_signed, self.per_channel)
-            param.copy_(step.to(param.device).reshape(param.shape))
+            param.copy_(step.log().to(param.device).reshape(param.shape))
 
     def extra_repr(self) -> str:
         grain = "per-channel" if self.per_channel else "per-tensor"

@@ -1,0 +1,95 @@
+"""The pipeline as library functions returning plain result objects.
+
+    load model -> prepare (trace, fold BN, insert quantizers, MACs) -> ...
+
+The CLI only parses arguments, calls these functions and renders what comes
+back; everything here raises :class:`cgmq_cli.errors.CgmqError` kinds for bad
+input and never prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import nn
+
+from cgmq_cli import checkpoint, qmodel
+from cgmq_cli.errors import UsageError
+from cgmq_cli.profiles import HardwareProfile, load_profile
+
+DEFAULT_IMAGE_SHAPE = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the user said about the model: MODEL, --arch, --trust-checkpoint, --leaf, --input-shape."""
+
+    model: str
+    arch: str | None = None
+    trust: bool = False
+    leaves: tuple[str, ...] = ()
+    input_shape: tuple[int, ...] | None = None  # with batch dim, as typed
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` -> (1, 3, 224, 224); positive integers only."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        dims = ()
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: expected positive integers with the batch first, e.g. 1,3,224,224")
+    return dims
+
+
+def sample_shape_for(request: ModelRequest, source: checkpoint.ModelSource, data_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One example's shape: the data's, else --input-shape (minus batch), else what the file or name implies."""
+    if data_shape is not None:
+        return tuple(data_shape)
+    if request.input_shape is not None:
+        return tuple(request.input_shape[1:])
+    if source.sample_shape:
+        return tuple(source.sample_shape)
+    if source.kind == "torchvision" or (source.arch or "").startswith(checkpoint.TORCHVISION):
+        return (3, 299, 299) if "inception" in (source.arch or source.model) else DEFAULT_IMAGE_SHAPE
+    raise UsageError("the model's input shape is unknown", "pass --input-shape, e.g. --input-shape 1,3,224,224, or --data")
+
+
+def load(request: ModelRequest) -> tuple[nn.Module, checkpoint.ModelSource]:
+    return checkpoint.load_model(request.model, request.arch, request.trust)
+
+
+def prepare(model: nn.Module, sample_shape: Sequence[int], leaves: Sequence[str], profile: HardwareProfile) -> qmodel.QuantizedModel:
+    """Insert quantizers with the widths, signedness and granularity the profile allows."""
+    return qmodel.prepare(
+        model, sample_shape, leaves,
+        widths_for=profile.widths_for,
+        input_bits=profile.input_bits,
+        signedness=profile.act_signedness,
+        per_channel=profile.weight_granularity == "per-channel",
+    )
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    model: str
+    sample_shape: tuple[int, ...]
+    layers: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "totals": self.totals}
+
+
+def inspect(request: ModelRequest, profile_spec: str | None = None) -> InspectResult:
+    """The quantizable layers of a model with their MACs and parameters."""
+    model, source = load(request)
+    shape = sample_shape_for(request, source)
+    qm = prepare(model, shape, request.leaves, load_profile(profile_spec))
+    summary = qm.cost()
+    layers = [{"name": s.name, "op": s.op, "macs": s.macs, "params": s.params} for s in qm.shapes]
+    totals = {"macs": summary.macs, "params": summary.params, "bops_fp32": summary.bops_fp32}
+    return InspectResult(model=request.model, sample_shape=shape, layers=layers, totals=totals)

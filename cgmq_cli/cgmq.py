@@ -1,0 +1,210 @@
+"""The CGMQ direction rule and the discrete finish that makes every gate epoch end feasible.
+
+Gate step (CGGD's rule with both terms normalised; ``G = dL/dg``, ``d_k = dC_k/dg``)::
+
+    every budget met:      g <- g - eta * G^
+    some budget violated:  g <- g - eta * (G^ + R * sum_{k violated} d^_k)
+
+``x^ = x / ||x||`` (zero for a zero vector). ``eta`` is a step in log2-width
+units, ``R > 1`` makes the cost term outweigh the loss term while a budget is
+violated. Finish after a gate epoch (discrete, deterministic, terminates):
+
+* repair: while a budget is violated, halve the width whose predicted loss
+  increase per unit of (normalised) cost saved is smallest;
+* fill: while a tensor can double its width within every budget, double the
+  one with the largest predicted loss decrease per unit of cost added.
+
+The predictions are the first-order probes ``<dL/dQ, Q_down - Q_b>`` and
+``<dL/dQ, Q_up - Q_b>`` that the quantizers deliver in probe mode. This module
+knows no files, YAML, Rich or ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from cgmq_cli.cost import Budget, CostSummary, LayerShape, MacCost, summarize
+from cgmq_cli.quant.modules import GatedQuantizer
+
+LN2 = math.log(2.0)
+
+Bits = dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One free gate: which layer, which side (0 weight, 1 activation) and its quantizer."""
+
+    layer: str
+    side: int
+    quantizer: GatedQuantizer
+
+
+def free_tensors(quantizers: Mapping[str, tuple[GatedQuantizer, GatedQuantizer]]) -> list[Tensor]:
+    """Every quantizer with more than one allowed width, in layer order (weight, then input)."""
+    return [Tensor(name, side, q) for name, pair in quantizers.items() for side, q in enumerate(pair) if len(q.allowed) > 1]
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    n = torch.linalg.vector_norm(v)
+    return v / n if n > 0 else torch.zeros_like(v)
+
+
+def direction(loss_grad: torch.Tensor, cost_grads: list[torch.Tensor], r: float) -> torch.Tensor:
+    """The descent direction of the rule: ``G^ + R * sum d^_k`` (violated budgets only)."""
+    step = unit(loss_grad)
+    for d in cost_grads:
+        step = step + r * unit(d)
+    return step
+
+
+def _moved(bits: Bits, t: Tensor, width: int) -> Bits:
+    out = dict(bits)
+    pair = list(out[t.layer])
+    pair[t.side] = width
+    out[t.layer] = (pair[0], pair[1])
+    return out
+
+
+class CostModel:
+    """Exact costs of width assignments and the cost gradients w.r.t. the gates."""
+
+    def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None, table: bool) -> None:
+        self.shapes = shapes
+        self.by_name = {s.name: s for s in shapes}
+        self.budget = budget
+        self.mac_cost = mac_cost
+        self.table = table
+
+    def summary(self, bits: Bits) -> CostSummary:
+        return summarize(self.shapes, bits, self.mac_cost)
+
+    def violated(self, bits: Bits) -> dict[str, float]:
+        return self.budget.violations(self.summary(bits))
+
+    def gradient(self, name: str, tensors: list[Tensor], bits: Bits) -> torch.Tensor:
+        """dC/dg for one budget, relaxing b = 2^g (BOPs, bytes) or a table slope per log2 step."""
+        out = []
+        for t in tensors:
+            s = self.by_name[t.layer]
+            bw, ba = bits[t.layer]
+            if name in ("bops", "rel_bops"):
+                out.append(LN2 * s.macs * bw * ba)
+            elif name == "weight_bytes":
+                out.append(LN2 * s.params * bw / 8 if t.side == 0 else 0.0)
+            else:  # cost table: finite slope towards the neighbouring width
+                up, down = t.quantizer.neighbour(+1), t.quantizer.neighbour(-1)
+                here = self.summary(bits).cost
+                if up is not None:
+                    out.append(self.summary(_moved(bits, t, up)).cost - here)
+                elif down is not None:
+                    out.append(here - self.summary(_moved(bits, t, down)).cost)
+                else:
+                    out.append(0.0)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def load(self, bits: Bits) -> float:
+        """The largest budget use as a fraction of its limit (> 1 means violated)."""
+        values = self.summary(bits).as_dict()
+        return max((values[n] / lim for n, lim in self.budget.limits().items()), default=0.0)
+
+    def share(self, before: Bits, after: Bits) -> float:
+        """Cost change between two assignments, summed over budgets as fractions of each limit."""
+        a, b = self.summary(before).as_dict(), self.summary(after).as_dict()
+        return sum(abs(b[n] - a[n]) / lim for n, lim in self.budget.limits().items())
+
+
+def gate_step(tensors: list[Tensor], costs: CostModel, bits: Bits, eta: float, r: float) -> dict[str, float]:
+    """Apply one step of the rule to the gates; returns the violated budgets it acted on."""
+    grads = torch.tensor([float(t.quantizer.gate.grad or 0.0) for t in tensors], dtype=torch.float64)
+    violated = costs.violated(bits)
+    cost_grads = [costs.gradient(name, tensors, bits) for name in violated]
+    step = direction(grads, cost_grads, r)
+    with torch.no_grad():
+        for t, s in zip(tensors, step.tolist()):
+            t.quantizer.gate.sub_(eta * s)
+            t.quantizer.clamp_gate()
+    return violated
+
+
+Probe = Mapping[GatedQuantizer, tuple[float, float]]  # quantizer -> (dL if doubled, dL if halved)
+
+
+@dataclass(frozen=True)
+class Move:
+    layer: str
+    side: int
+    old: int
+    new: int
+    predicted_dloss: float
+
+
+def repair(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[[], Probe]) -> tuple[Bits, list[Move]]:
+    """Halve widths until every budget holds, cheapest predicted loss per cost saved first."""
+    moves: list[Move] = []
+    while costs.violated(bits):
+        estimates = probe()
+        best = None
+        for t in tensors:
+            down = t.quantizer.neighbour(-1)
+            if down is None:
+                continue
+            after = _moved(bits, t, down)
+            saved = costs.share(bits, after)
+            if saved <= 0:
+                continue
+            score = estimates[t.quantizer][1] / saved
+            if best is None or score < best[0]:
+                best = (score, t, down, after)
+        if best is None:  # every tensor at its minimum: feasible by the pre-check, so unreachable
+            raise RuntimeError("repair found no width to lower although a budget is violated")
+        _, t, down, after = best
+        moves.append(Move(t.layer, t.side, t.quantizer.bits, down, estimates[t.quantizer][1]))
+        t.quantizer.set_bits(down)
+        bits = after
+    return bits, moves
+
+
+def fill(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[[], Probe]) -> tuple[Bits, list[Move]]:
+    """Double widths while every budget still holds, largest predicted loss decrease per cost first."""
+    moves: list[Move] = []
+    while True:
+        estimates = probe()
+        best = None
+        for t in tensors:
+            up = t.quantizer.neighbour(+1)
+            if up is None:
+                continue
+            after = _moved(bits, t, up)
+            if costs.violated(after):
+                continue
+            added = costs.share(bits, after)
+            score = -estimates[t.quantizer][0] / added if added > 0 else math.inf
+            if best is None or score > best[0]:
+                best = (score, t, up, after)
+        if best is None:
+            return bits, moves
+        _, t, up, after = best
+        moves.append(Move(t.layer, t.side, t.quantizer.bits, up, estimates[t.quantizer][0]))
+        t.quantizer.set_bits(up)
+        bits = after
+
+
+def constraint_repair(tensors: list[Tensor], costs: CostModel, bits_of: Callable[[], Bits], eta: float) -> Bits:
+    """Plain CGGD finish: step along the cost directions only until every budget holds."""
+    bits = bits_of()
+    while violated := costs.violated(bits):
+        step = sum(unit(costs.gradient(name, tensors, bits)) for name in violated)
+        with torch.no_grad():
+            for t, s in zip(tensors, step.tolist()):
+                t.quantizer.gate.sub_(eta * s)
+                t.quantizer.clamp_gate()
+        new = bits_of()
+        if new == bits and all(t.quantizer.neighbour(-1) is None for t in tensors):
+            raise RuntimeError("constraint repair is stuck at the minimum widths")
+        bits = new
+    return bits
