@@ -95,15 +95,16 @@ def _safe_load(path: Path, trusted: bool) -> Any:
         raise CheckpointError(f"{path} could not be unpickled: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
 
 
-def _import_object(spec: str) -> Any:
+def import_object(spec: str, flag: str = "--arch") -> Any:
+    """Import ``package.module:Name`` or ``path/to/file.py:Name`` (errors name ``flag``)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise CheckpointError(f"--arch {spec}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
+        raise CheckpointError(f"{flag} {spec}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CheckpointError(f"--arch {spec}: file {path} not found")
+                raise CheckpointError(f"{flag} {spec}: file {path} not found")
             mod_spec = importlib.util.spec_from_file_location(f"cgmq_arch_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[mod_spec.name] = module
@@ -113,10 +114,10 @@ def _import_object(spec: str) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"--arch {spec}: cannot import {target}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"{flag} {spec}: cannot import {target}: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, name):
         close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
-        raise CheckpointError(f"--arch {spec}: {target} has no attribute {name}",
+        raise CheckpointError(f"{flag} {spec}: {target} has no attribute {name}",
                               f"did you mean {target}:{close[0]}?" if close else None)
     return getattr(module, name)
 
@@ -137,7 +138,7 @@ def build_arch(spec: str, num_classes: int | None = None) -> nn.Module:
             kwargs["aux_logits"] = False
             kwargs["init_weights"] = False
         return torchvision.models.get_model(name, weights=None, **kwargs)
-    factory = _import_object(spec)
+    factory = import_object(spec)
     try:
         model = factory()
     except Exception as exc:
@@ -157,7 +158,7 @@ def _extract_state(obj: Any) -> Mapping[str, torch.Tensor] | None:
     return None
 
 
-def _guess_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+def guess_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     last = [v for k, v in state.items() if k.endswith(".weight") and v.ndim == 2]
     return int(last[-1].shape[0]) if last else None
 
@@ -202,7 +203,7 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     if not arch:
         raise CheckpointError(f"{path} is a state_dict, which needs the architecture",
                               "pass --arch package.module:Name, --arch path/to/file.py:Name or --arch torchvision:NAME")
-    model = build_arch(arch, _guess_num_classes(state) if arch.startswith(TORCHVISION) else None)
+    model = build_arch(arch, guess_num_classes(state) if arch.startswith(TORCHVISION) else None)
     load_state_into(model, state, str(path))
     return model.eval(), ModelSource(model=str(path.resolve()), arch=arch, sha256=digest, kind="state_dict")
 

@@ -7,18 +7,25 @@ internal error (exit 1). Set ``CGMQ_DEBUG=1`` to see tracebacks.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import sys
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, List, Optional
 
 import click
 import typer
 from typer.core import TyperGroup
 
-from cgmq_cli import __version__, api
-from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError
-from cgmq_cli import render
+from cgmq_cli import __version__, api, render, rundir, settings
+from cgmq_cli.compress import CompressSettings
+from cgmq_cli.compress import compress as run_compress
+from cgmq_cli.cost import Budget
+from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, UsageError
+from cgmq_cli.profiles import load_profile
+from cgmq_cli.trainer import TrainConfig
 
 
 def debug_enabled() -> bool:
@@ -115,6 +122,118 @@ def profiles(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         render.json_out({"profiles": rows})
     else:
         render.profiles_table(rows)
+
+
+def _default_out(model: str) -> str:
+    stem = Path(model.split(":")[-1]).stem or "model"
+    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _train_config(values: dict) -> TrainConfig:
+    base = TrainConfig()
+    return TrainConfig(epochs=int(values.get("epochs", base.epochs)), lr=float(values.get("lr", base.lr)),
+                       eta=values.get("eta") or base.eta, r=values.get("r") or base.r,
+                       gate_steps=values.get("gate_steps") or base.gate_steps,
+                       finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
+
+
+def _compress_settings(flags: dict, budget_flags: dict) -> CompressSettings:
+    project, _ = settings.read_project()
+    values = settings.merged(flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
+    if not values.get("model"):
+        raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
+    if not values.get("data"):
+        raise UsageError("no training data given", "pass --data SPEC (e.g. --data digits or --data fashion-mnist:DIR), "
+                         "or set `data` in cgmq.yaml / [tool.cgmq]")
+    profile = load_profile(values.get("profile"))
+    budgets = {k: profile.default_budgets.__dict__.get(k) for k in settings.BUDGET_KEYS}
+    budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
+    budgets.update({k: v for k, v in budget_flags.items() if v is not None})
+    budget = Budget(**{k: settings.parse_number(v, f"budget {k}") for k, v in budgets.items()})
+    if budget.rel_bops is not None and budget.rel_bops > 100:
+        raise UsageError(f"--budget-rel-bops {budget.rel_bops:g} is a percentage and must be at most 100")
+    for key in ("epochs", "batch_size"):
+        if int(values[key]) <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {values[key]}")
+    leaves = values.get("leaf") or ()
+    return CompressSettings(
+        model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
+        budget=budget, arch=values.get("arch"), trust=bool(values.get("trust")),
+        leaves=tuple([leaves] if isinstance(leaves, str) else leaves),
+        input_shape=api.parse_shape(values.get("input_shape")), profile=values.get("profile"),
+        weight_bits=settings.parse_bits(values.get("weight_bits"), "--weight-bits"),
+        act_bits=settings.parse_bits(values.get("act_bits"), "--act-bits"),
+        subset=values.get("subset"), batch_size=int(values["batch_size"]), workers=int(values["workers"]),
+        seed=int(values["seed"]), loss=values.get("loss"), train=_train_config(values))
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
+    arch: Optional[str] = ArchOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    leaf: Optional[List[str]] = LeafOpt,
+    trust_checkpoint: bool = TrustOpt,
+    data_spec: Optional[str] = typer.Option(None, "--data", help="Training data: digits, mnist[:DIR], fashion-mnist[:DIR], cifar10[:DIR], imagefolder:DIR, module:fn or file.py:fn."),
+    subset: Optional[int] = typer.Option(None, "--subset", help="Use only N training examples (a fixed seeded subset)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 64)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (default 0)."),
+    profile: Optional[str] = ProfileOpt,
+    weight_bits: Optional[str] = typer.Option(None, "--weight-bits", help="Narrow the profile's weight widths, e.g. 4,8."),
+    act_bits: Optional[str] = typer.Option(None, "--act-bits", help="Narrow the profile's activation widths, e.g. 4,8."),
+    budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="Budget in BOPs (sum of MACs x b_w x b_a), e.g. 1e8."),
+    budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="Budget in percent of the float 32x32 BOPs, e.g. 1.5."),
+    budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Budget on the weight memory in bytes, e.g. 65536."),
+    budget_cost: Optional[str] = typer.Option(None, "--budget-cost", help="Budget in the profile's cost-table unit (e.g. cycles)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs, split between gate and weight epochs (default 6)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of weights and steps (Adam, default 1e-3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed repeats a run on the same machine."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="Loss as module:fn (default cross-entropy)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<time>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    gate_steps: Optional[int] = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300)."),
+    finish: Optional[str] = typer.Option(None, "--finish", help="Gate-epoch finish: repair-fill (default) or constraint (plain CGGD)."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr."),
+) -> None:
+    """Compress MODEL to mixed precision within the budget(s), learning every width by CGMQ."""
+    if resume:
+        run_dir = rundir.resolve_run(resume)
+        config = rundir.read_json(run_dir / "config.json")
+        request = CompressSettings.from_dict(config["settings"])
+        request = replace(request, out=str(run_dir))
+    else:
+        if finish is not None and finish not in ("repair-fill", "constraint"):
+            raise UsageError(f"--finish {finish!r}: expected repair-fill or constraint")
+        flags = dict(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust=trust_checkpoint or None,
+                     data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                     weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
+                     loss=loss, out=out, gate_steps=gate_steps, finish=finish)
+        request = _compress_settings(flags, {"bops": budget_bops, "rel_bops": budget_rel_bops,
+                                             "weight_bytes": budget_weight_bytes, "cost": budget_cost})
+    with _terminate_as_interrupt(), render.TrainProgress() as progress:
+        result = run_compress(request, progress, force=force, resume=bool(resume))
+    if as_json:
+        render.json_out(result.report)
+    else:
+        render.compress_summary(result.report, result.run_dir)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (CI cancel, kill) behaves like Ctrl-C: stop at once, keep the last checkpoint."""
+    def handler(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

@@ -489,3 +489,22 @@ def load_profile(spec: str | None) -> HardwareProfile:
 def list_presets() -> list[HardwareProfile]:
     """Every bundled preset, loaded and validated, sorted by name."""
     return [_load_preset(name) for name in preset_names()]
+
+
+def dump_profile(profile: HardwareProfile) -> dict[str, Any]:
+    """The profile as plain YAML data; ``parse_profile(dump_profile(p), src)`` rebuilds it."""
+    pair = lambda obj: {k: list(getattr(obj, k)) for k in PAIR_KEYS if getattr(obj, k) is not None}  # noqa: E731
+    cost: dict[str, Any] = {"metric": "bops"}
+    if profile.cost_table is not None:
+        cost = {"metric": "table", "unit": profile.cost_unit,
+                "table": {f"{bw}x{ba}": value for (bw, ba), value in profile.cost_table.items()}}
+    return {
+        "schema_version": profile.schema_version, "name": profile.name, "description": profile.description,
+        "weight_bits": list(profile.weight_bits), "act_bits": list(profile.act_bits),
+        "weight_granularity": profile.weight_granularity, "act_signedness": profile.act_signedness,
+        "input_bits": profile.input_bits,
+        "per_op": {k: pair(v) for k, v in profile.per_op.items()},
+        "overrides": [{"match": o.match, **pair(o)} for o in profile.overrides],
+        "cost": cost,
+        "budgets": {k: getattr(profile.default_budgets, k) for k in BUDGET_KEYS},
+    }

@@ -81,3 +81,75 @@ def profiles_table(rows: list[dict]) -> None:
     stdout().print(table("hardware profiles (presets/)", ("name", "weights", "activations", "input", "cost", "description"),
                          [(r["name"], ",".join(map(str, r["weight_bits"])), ",".join(map(str, r["act_bits"])),
                            r["input_bits"], r["cost"], r["description"]) for r in rows]))
+
+
+class TrainProgress:
+    """Training events -> a Rich progress bar on a terminal, plain log lines otherwise (CI)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or stderr()
+        self.live = self.console.is_terminal
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "TrainProgress":
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.console, transient=True)
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: Any) -> None:
+        d, epoch = event.data, event.epoch + 1
+        if event.kind == "info":
+            self._line(f"note: {d['message']}")
+        elif event.kind == "epoch_start":
+            self.current = f"epoch {epoch}/{d['epochs']} {d['epoch_kind']}"
+            if self.progress is not None:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
+                self.task = self.progress.add_task(self.current, total=None)
+        elif event.kind == "progress":
+            extra = f" cost/budget {d['load']:.3f} rel_bops {d['rel_bops']:.3f}%" if d["phase"] == "gate" else ""
+            if self.progress is not None:
+                self.progress.update(self.task, completed=d["step"], total=d["steps"],
+                                     description=f"{self.current} loss {d['loss']:.4f}{extra}")
+            elif d["phase"] == "gate":
+                self._line(f"epoch {epoch} {d['phase']} step {d['step']}/{d['steps']} loss {d['loss']:.4f}{extra}")
+        elif event.kind == "epoch_end":
+            within = "within budget" if d["within_budget"] else "OVER budget"
+            gate = ""
+            if d["epoch_kind"] == "gate":
+                gate = (f" | gate: cost/budget {d['min_load']:.3f}..{d['max_load']:.3f}, crossed {d['crossings']}x,"
+                        f" {d['load_before_finish']:.3f} -> repair {len(d['repaired'])} / fill {len(d['filled'])}"
+                        f" -> {d['load_after_finish']:.3f}")
+            self._line(f"epoch {epoch} {d['epoch_kind']}: val acc {d['accuracy']:.2f}% loss {d['loss']:.4f} "
+                       f"rel BOPs {d['rel_bops']:.3f}% {within}{gate}")
+        elif event.kind == "bad_batch":
+            self._line(f"warning: non-finite loss, batch skipped ({d['count']} so far)")
+
+    def _line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            info(text)
+
+
+def compress_summary(report: dict, run_dir: Any) -> None:
+    c, b = report["cost"], report["budget"]
+    lines = [f"run: {run_dir}",
+             f"accuracy: float {report['accuracy']['float']:.2f}%  quantized {report['accuracy']['quantized']:.2f}%",
+             f"cost: {c['bops']:,} BOPs ({c['rel_bops']:.3f}% of 32x32), weights {c['weight_bytes']:,.0f} bytes"]
+    for name, limit in b.items():
+        if limit is not None:
+            lines.append(f"budget {name}: {limit:,.6g}  used {c[name]:,.6g} ({100 * c[name] / limit:.1f}%)")
+    lines.append("within budget: " + ("yes" if report["feasible"] else "NO"))
+    out = stdout()
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
