@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,11 +21,13 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from cgmq_cli import __version__, api, render, rundir, settings
+from torch import nn
+
+from cgmq_cli import __version__, api, checks, render, rundir, settings
 from cgmq_cli.compress import CompressSettings
 from cgmq_cli.compress import compress as run_compress
 from cgmq_cli.cost import Budget
-from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, UsageError
+from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError, UsageError
 from cgmq_cli.profiles import load_profile
 from cgmq_cli.trainer import TrainConfig
 
@@ -234,6 +238,102 @@ def _terminate_as_interrupt():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _load_reports(runs: Optional[List[str]]) -> list[tuple[Path, dict]]:
+    dirs = [rundir.resolve_run(r) for r in runs] if runs else [rundir.resolve_run(None)]
+    out = []
+    for d in dirs:
+        if not (d / "report.json").is_file():
+            raise UsageError(f"{d} has no report.json: the run did not finish", f"resume it: cgmq compress --resume {d}")
+        out.append((d, rundir.read_json(d / "report.json")))
+    return out
+
+
+@app.command()
+def report(
+    runs: Optional[List[str]] = typer.Argument(None, help="Run directories (default runs/latest); two or more are compared side by side."),
+    fmt: str = typer.Option("table", "--format", help="table (default), json, markdown or csv."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: bits per layer and each layer's share of BOPs."),
+) -> None:
+    """Show a run's per-layer widths, cost against each budget and accuracy."""
+    from cgmq_cli import report as rep
+
+    if fmt not in ("table", "json", "markdown", "csv"):
+        raise UsageError(f"--format {fmt!r}: expected table, json, markdown or csv")
+    loaded = _load_reports(runs)
+    reports = [r for _, r in loaded]
+    if plot is not None:
+        rep.plot(reports, plot)
+        render.info(f"wrote {plot}")
+    if fmt == "json":
+        render.json_out(reports[0] if len(reports) == 1 else {"runs": reports})
+    elif fmt == "csv":
+        if len(reports) > 1:
+            raise UsageError("--format csv shows one run; pass a single run directory")
+        sys.stdout.write(rep.csv_text(reports[0]))
+    elif fmt == "markdown":
+        sys.stdout.write(rep.markdown(reports[0]) if len(reports) == 1 else rep.comparison_markdown(reports))
+    else:
+        render.stdout().print(rep.rich_report(reports[0]) if len(reports) == 1 else rep.comparison_table(reports))
+
+
+@app.command()
+def check(
+    run: Optional[str] = typer.Argument(None, help="Run directory (default runs/latest)."),
+    max_bops: Optional[str] = typer.Option(None, "--max-bops", help="Fail when the run's BOPs exceed N."),
+    max_rel_bops: Optional[str] = typer.Option(None, "--max-rel-bops", help="Fail when relative BOPs exceed P percent."),
+    max_weight_bytes: Optional[str] = typer.Option(None, "--max-weight-bytes", help="Fail when weight memory exceeds N bytes."),
+    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="Fail when quantized accuracy (percent) is below A."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail when float minus quantized accuracy exceeds D points."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+) -> None:
+    """CI gate: exit 0 only when the run is within its budgets and every given threshold holds."""
+    (run_dir, rep_dict), = _load_reports([run] if run else None)
+    results = checks.run_checks(rep_dict, max_bops=settings.parse_number(max_bops, "--max-bops"),
+                                max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
+                                max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
+                                min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop)
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        render.json_out({"run": str(run_dir), "ok": not failed, "checks": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            typer.echo(r.line())
+    if failed:
+        raise CheckFailedError(f"{len(failed)} of {len(results)} checks failed for {run_dir}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="Run directory of the demo's compression."),
+    budget_rel_bops: float = typer.Option(2.0, "--budget-rel-bops", help="Budget in percent of float BOPs."),
+    epochs: int = typer.Option(6, "--epochs", help="CGMQ epochs."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier demo run."),
+) -> None:
+    """Offline walk-through: train a small CNN on digits, compress it within a budget, report."""
+    from cgmq_cli import data, models, report as rep
+    from cgmq_cli.trainer import evaluate, train_float
+
+    out_dir = Path(out)
+    rundir.prepare_run_dir(out_dir, force)
+    shutil.rmtree(out_dir)  # prepare checked it is writable and ours; compress recreates it
+    float_path = out_dir.parent / f"{out_dir.name}-float" / "digits_cnn.pt"
+    render.info(f"1/3 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
+    bundle = data.load_data("digits")
+    train_loader, val_loader = data.make_loaders(bundle, 32, 0, 0)
+    model = train_float(models.DigitsCNN(), train_loader, epochs=15, lr=3e-3, seed=0)
+    acc = evaluate(model, val_loader, nn.functional.cross_entropy, "cpu")["accuracy"]
+    render.info(f"    float validation accuracy {acc:.2f}%")
+    rundir.save_torch(float_path, model.state_dict())
+    render.info(f"2/3 cgmq compress {float_path} --arch cgmq_cli.models:DigitsCNN --data digits "
+                f"--budget-rel-bops {budget_rel_bops:g} --epochs {epochs} --out {out_dir}")
+    request = CompressSettings(model=str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
+                               budget=Budget(rel_bops=budget_rel_bops), batch_size=32, train=TrainConfig(epochs=epochs))
+    with render.TrainProgress() as progress:
+        result = run_compress(request, progress, force=True)
+    render.info(f"3/3 cgmq report {out_dir}")
+    render.stdout().print(rep.rich_report(result.report))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ stdout stays one clean JSON object.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Iterable
 
@@ -15,12 +16,17 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _width(stream: Any) -> int | None:
+    """Terminal width on a terminal; wide enough for whole tables in logs and pipes."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else 200
+
+
 def stdout() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=_width(sys.stdout))
 
 
 def stderr() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
 
 def error(message: str, hint: str | None = None) -> None:

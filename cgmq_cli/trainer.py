@@ -207,3 +207,16 @@ class Trainer:
             if save is not None:
                 save(self.state)
         return self.state
+
+
+def train_float(model: nn.Module, loader: Any, epochs: int, lr: float, seed: int, device: str = "cpu") -> nn.Module:
+    """Plain float training with Adam and cross-entropy (the demo's starting checkpoint)."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            optimizer.step()
+    return model.eval()

@@ -32,6 +32,8 @@ class CgmqTracer(fx.Tracer):
         super().__init__()
         self.leaves = set(leaves)
         self.cgmq_stack: list[str] = []
+        self.cgmq_failed_in: str | None = None  # innermost submodule whose forward raised
+
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
@@ -41,6 +43,11 @@ class CgmqTracer(fx.Tracer):
         self.cgmq_stack.append(qualname)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # Remember where it failed now: the stack is unwound by the time trace() sees the error.
+            if self.cgmq_failed_in is None:
+                self.cgmq_failed_in = qualname
+            raise
         finally:
             self.cgmq_stack.pop()
 
@@ -73,11 +80,12 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
-        where = tracer.cgmq_stack[-1] if tracer.cgmq_stack else "<top-level model>"
+        failed_in = tracer.cgmq_failed_in
+        where = failed_in if failed_in else "<top-level model>"
         raise TraceError(
             f"cannot trace module `{where}` ({type(model).__name__}): {_describe(exc)}",
             f"keep that submodule untraced with `--leaf {where}`"
-            if tracer.cgmq_stack
+            if failed_in
             else "rewrite the construct without tensor-dependent Python control flow",
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -34,8 +34,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ)."""
-    return (x - x * factor).detach() + x * factor
+    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ).
+
+    Written so that the forward value is exactly ``x`` (``(x - x.detach())`` is an
+    exact zero); ``(x - x * factor).detach() + x * factor`` can be one ulp off,
+    which would make the training grid differ from the exported scale.
+    """
+    return x.detach() + (x - x.detach()) * factor
 
 
 def lsq_grad_factor(numel: int, qmax: int) -> float:
