@@ -1,0 +1,130 @@
+"""cgmq compress end to end on digits: budgets met, infeasible refused, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cgmq_cli import compress as cmp
+from cgmq_cli.cli import app
+from cgmq_cli.cost import Budget
+from cgmq_cli.errors import EXIT_INFEASIBLE, InterruptedRun
+from cgmq_cli.trainer import TrainConfig
+
+ARCH = "cgmq_cli.models:DigitsCNN"
+FAST = ["--gate-steps", "60", "--batch-size", "32"]
+runner = CliRunner()
+
+
+def _compress(ckpt: str, out: Path, *args: str) -> dict:
+    result = runner.invoke(app, ["compress", ckpt, "--arch", ARCH, "--data", "digits", "--out", str(out), "--json",
+                                 *FAST, *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_budget_met_and_report_recomputed(digits_ckpt: str, tmp_path: Path) -> None:
+    report = _compress(digits_ckpt, tmp_path / "run", "--budget-rel-bops", "1", "--epochs", "3")
+    assert report["feasible"] is True
+    assert report["cost"]["rel_bops"] <= 1.0
+    # cost is recomputed from the layer widths
+    assert report["cost"]["bops"] == sum(l["macs"] * l["bits_w"] * l["bits_a"] for l in report["layers"])
+    assert len({(l["bits_w"], l["bits_a"]) for l in report["layers"]}) > 1  # bits really differ per layer
+    assert set(report["budget"]) == {"bops", "rel_bops", "weight_bytes", "cost"} and report["budget"]["bops"] is None
+    for name in ("model.pt", "report.json", "config.json", "train.log", "checkpoint.pt", "profile.yaml"):
+        assert (tmp_path / "run" / name).is_file()
+    assert (tmp_path / "latest").resolve() == (tmp_path / "run").resolve()
+    # the first gate epoch starts at 32 bits (far over) and ends under the budget
+    gate = report["history"][0]
+    assert gate["epoch_kind"] == "gate" and gate["max_load"] > 1.0 and gate["load_after_finish"] <= 1.0
+
+
+def test_combined_budgets_both_met(digits_ckpt: str, tmp_path: Path) -> None:
+    report = _compress(digits_ckpt, tmp_path / "run", "--budget-rel-bops", "2", "--budget-weight-bytes", "12000",
+                       "--epochs", "2")
+    assert report["feasible"]
+    assert report["cost"]["rel_bops"] <= 2 and report["cost"]["weight_bytes"] <= 12000
+
+
+def test_repair_meets_budget_training_alone_would_miss(digits_ckpt: str, tmp_path: Path) -> None:
+    # eta so small that the gates cannot reach the budget within the gate epoch
+    settings = cmp.CompressSettings(model=digits_ckpt, arch=ARCH, data="digits", out=str(tmp_path / "run"),
+                                    budget=Budget(rel_bops=1.0), batch_size=32,
+                                    train=TrainConfig(epochs=1, eta=1e-4, gate_steps=20))
+    report = cmp.compress(settings).report
+    gate = report["history"][0]
+    assert gate["load_before_finish"] > 1.0 and gate["repaired"]
+    assert report["feasible"] and report["cost"]["rel_bops"] <= 1.0
+
+
+def test_infeasible_budget_refused_before_training(digits_ckpt: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compress", digits_ckpt, "--arch", ARCH, "--data", "digits", "--out",
+                                 str(tmp_path / "run"), "--budget-rel-bops", "0.1"])
+    assert result.exit_code == EXIT_INFEASIBLE
+    assert "below the minimum reachable" in result.stderr and "0.42" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_budget_above_float_cost_says_no_quantization_needed(digits_ckpt: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compress", digits_ckpt, "--arch", ARCH, "--data", "digits", "--out",
+                                 str(tmp_path / "run"), "--budget-rel-bops", "100", "--epochs", "1", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "no quantization is needed" in result.stderr
+
+
+def test_existing_run_not_overwritten(digits_ckpt: str, tmp_path: Path) -> None:
+    _compress(digits_ckpt, tmp_path / "run", "--budget-rel-bops", "4", "--epochs", "1")
+    before = (tmp_path / "run" / "report.json").read_bytes()
+    result = runner.invoke(app, ["compress", digits_ckpt, "--arch", ARCH, "--data", "digits", "--out",
+                                 str(tmp_path / "run"), "--budget-rel-bops", "2"])
+    assert result.exit_code == 2 and "already exists" in result.stderr and "--force" in result.stderr
+    assert (tmp_path / "run" / "report.json").read_bytes() == before
+
+
+def test_resume_after_interruption(digits_ckpt: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = cmp.CompressSettings(model=digits_ckpt, arch=ARCH, data="digits", out=str(out),
+                                    budget=Budget(rel_bops=1.5), batch_size=32, train=TrainConfig(epochs=4, gate_steps=40))
+
+    def interrupt(event) -> None:
+        if event.kind == "epoch_start" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(InterruptedRun, match="keeps the state after epoch 2"):
+        cmp.compress(settings, on_event=interrupt)
+    assert not (out / "report.json").exists() and not (out / "model.pt").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    result = runner.invoke(app, ["compress", "--resume", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["feasible"] and report["epochs"] == 4 and len(report["history"]) == 4
+    assert "resumed after epoch 2" in (out / "train.log").read_text()
+
+
+def test_same_seed_same_run(digits_ckpt: str, tmp_path: Path) -> None:
+    a = _compress(digits_ckpt, tmp_path / "a", "--budget-rel-bops", "1.5", "--epochs", "2", "--seed", "3")
+    b = _compress(digits_ckpt, tmp_path / "b", "--budget-rel-bops", "1.5", "--epochs", "2", "--seed", "3")
+    assert a["layers"] == b["layers"] and a["accuracy"] == b["accuracy"]
+    sa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_report_formats_and_check(digits_ckpt: str, tmp_path: Path) -> None:
+    _compress(digits_ckpt, tmp_path / "run", "--budget-rel-bops", "2", "--epochs", "1")
+    run = str(tmp_path / "run")
+    md = runner.invoke(app, ["report", run, "--format", "markdown"])
+    assert md.exit_code == 0 and md.stdout.startswith("### cgmq run `run`") and "| rel_bops | 2 |" in md.stdout
+    js = runner.invoke(app, ["report", run, "--format", "json"])
+    assert json.loads(js.stdout)["feasible"] is True
+    csv_out = runner.invoke(app, ["report", run, "--format", "csv"]).stdout.splitlines()
+    assert csv_out[0] == "layer,op,macs,params,bits_w,bits_a,bops,bops_share,weight_bytes" and len(csv_out) == 5
+    ok = runner.invoke(app, ["check", run, "--max-rel-bops", "2", "--min-accuracy", "10"])
+    assert ok.exit_code == 0 and ok.stdout.splitlines()[0].startswith("PASS budget rel_bops: ")
+    bad = runner.invoke(app, ["check", run, "--min-accuracy", "100.5"])
+    assert bad.exit_code == 4 and "FAIL min accuracy:" in bad.stdout

@@ -1,0 +1,113 @@
+"""The direction rule, repair and fill on problems whose answer is known."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cgmq_cli import cgmq, qmodel
+from cgmq_cli.cost import Budget
+
+
+class TwoLayers(nn.Module):
+    """A costly layer (64x256 MACs) and a cheap one (256x4 MACs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(64, 256)
+        self.small = nn.Linear(256, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.relu(self.big(x)))
+
+
+def _prepared() -> qmodel.QuantizedModel:
+    torch.manual_seed(0)
+    qm = qmodel.prepare(TwoLayers(), (64,), input_bits=8)  # big's input is the network input: fixed 8 bits
+    qm.calibrate(torch.randn(32, 64))
+    return qm
+
+
+def test_unit_vector_and_direction() -> None:
+    assert torch.equal(cgmq.unit(torch.zeros(3)), torch.zeros(3))
+    assert torch.allclose(cgmq.unit(torch.tensor([3.0, 4.0])), torch.tensor([0.6, 0.8]))
+    step = cgmq.direction(torch.tensor([1.0, 0.0]), [torch.tensor([0.0, 2.0])], r=1.5)
+    assert torch.allclose(step, torch.tensor([1.0, 1.5]))
+    # met budgets: only the loss direction remains
+    assert torch.allclose(cgmq.direction(torch.tensor([0.0, -2.0]), [], r=1.5), torch.tensor([0.0, -1.0]))
+
+
+def test_costly_layer_loses_bits_first() -> None:
+    qm = _prepared()
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=5.0), None, False)
+    for step in range(100):  # no loss signal: the cost term alone moves the gates
+        for t in tensors:
+            t.quantizer.gate.grad = torch.tensor(0.0)
+        cgmq.gate_step(tensors, costs, qm.bits(), eta=0.05, r=1.5)
+        if qm.bits()["big"][0] < 32:
+            break
+    assert qm.bits()["big"] == (16, 8) and step < 20
+    assert qm.bits()["small"] == (32, 32)  # the cheap layer has not changed width yet
+    big_gate = next(t for t in tensors if t.layer == "big").quantizer.gate
+    small_gate = next(t for t in tensors if t.layer == "small").quantizer.gate
+    assert (5 - float(big_gate)) > 3 * (5 - float(small_gate)) > 0
+
+
+def test_loss_term_raises_bits_when_budget_met() -> None:
+    qm = _prepared()
+    qm.set_bits({"big": (4, 8), "small": (4, 4)})
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0), None, False)
+    for _ in range(30):
+        for t in tensors:  # more bits lower the loss everywhere
+            t.quantizer.gate.grad = torch.tensor(-1.0)
+        cgmq.gate_step(tensors, costs, qm.bits(), eta=0.05, r=1.5)
+    assert qm.bits()["big"][0] > 4 and all(b > 4 for b in qm.bits()["small"])
+
+
+def test_repair_then_fill_ends_feasible_and_uses_budget() -> None:
+    qm = _prepared()
+    budget = Budget(rel_bops=3.0)
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, budget, None, False)
+    flat = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731 - every move equally useful
+    bits, repaired = cgmq.repair(tensors, costs, qm.bits(), flat)
+    assert repaired and not costs.violated(bits)
+    assert bits == qm.bits()
+    bits, filled = cgmq.fill(tensors, costs, bits, flat)
+    assert not costs.violated(bits)
+    # after fill no single doubling fits any more
+    for t in tensors:
+        up = t.quantizer.neighbour(+1)
+        if up is not None:
+            assert costs.violated(cgmq._moved(bits, t, up))
+
+
+def test_repair_prefers_cheapest_predicted_loss() -> None:
+    qm = _prepared()
+    qm.set_bits({"big": (8, 8), "small": (8, 8)})  # all at 8x8: 6.25 % relative BOPs
+    tensors = cgmq.free_tensors(qm.quantizers())
+    big_w = next(t for t in tensors if t.layer == "big" and t.side == 0)
+    # halving big's weight is predicted to be free, every other move expensive
+    probe = lambda: {t.quantizer: (0.0, 0.0 if t is big_w else 10.0) for t in tensors}  # noqa: E731
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=6.2), None, False)
+    _, moves = cgmq.repair(tensors, costs, qm.bits(), probe)
+    assert moves[0].layer == "big" and moves[0].side == 0 and moves[0].new == 4
+
+
+def test_constraint_repair_reaches_budget() -> None:
+    qm = _prepared()
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None, False)
+    bits = cgmq.constraint_repair(tensors, costs, qm.bits, eta=0.05)
+    assert not costs.violated(bits)
+
+
+def test_weight_bytes_gradient_ignores_activations() -> None:
+    qm = _prepared()
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=1000), None, False)
+    grad = costs.gradient("weight_bytes", tensors, qm.bits())
+    for t, g in zip(tensors, grad.tolist()):
+        assert (g > 0) if t.side == 0 else (g == 0)
