@@ -36,6 +36,12 @@ def debug_enabled() -> bool:
     return os.environ.get("CGMQ_DEBUG", "") not in ("", "0")
 
 
+# Typer >= 0.22 vendors its own click (typer._click): its usage errors, Exit and Abort are not
+# the `click` package's classes, so both families must pass through the boundary untouched.
+_CLICK_FLOW = (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit, typer.Abort,
+               getattr(getattr(typer, "exceptions", None), "TyperException", click.ClickException))
+
+
 class CgmqGroup(TyperGroup):
     """Runs every command inside the error boundary (also under CliRunner)."""
 
@@ -50,7 +56,7 @@ class CgmqGroup(TyperGroup):
         except KeyboardInterrupt:
             render.error("interrupted")
             ctx.exit(EXIT_INTERRUPTED)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _CLICK_FLOW:  # usage errors, --help, exits: click/typer handle them
             raise
         except Exception as exc:
             if debug_enabled():
@@ -202,7 +208,19 @@ def compress(
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr."),
 ) -> None:
     """Compress MODEL to mixed precision within the budget(s), learning every width by CGMQ."""
+    flags = dict(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust=trust_checkpoint or None,
+                 data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                 weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
+                 loss=loss, out=out, gate_steps=gate_steps, finish=finish)
+    budget_flags = {"bops": budget_bops, "rel_bops": budget_rel_bops, "weight_bytes": budget_weight_bytes,
+                    "cost": budget_cost}
     if resume:
+        given = [k for k, v in {**flags, **{f"budget_{k}": v for k, v in budget_flags.items()}}.items() if v]
+        if given:
+            names = {"model": "MODEL", "trust": "--trust-checkpoint", "data": "--data"}
+            flag = names.get(given[0], "--" + given[0].replace("_", "-"))
+            raise UsageError(f"--resume continues a run with its saved settings; it cannot be combined with {flag}",
+                             "drop the other flags, or start a new run")
         run_dir = rundir.resolve_run(resume)
         config = rundir.read_json(run_dir / "config.json")
         request = CompressSettings.from_dict(config["settings"])
@@ -210,12 +228,7 @@ def compress(
     else:
         if finish is not None and finish not in ("repair-fill", "constraint"):
             raise UsageError(f"--finish {finish!r}: expected repair-fill or constraint")
-        flags = dict(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust=trust_checkpoint or None,
-                     data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
-                     weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
-                     loss=loss, out=out, gate_steps=gate_steps, finish=finish)
-        request = _compress_settings(flags, {"bops": budget_bops, "rel_bops": budget_rel_bops,
-                                             "weight_bytes": budget_weight_bytes, "cost": budget_cost})
+        request = _compress_settings(flags, budget_flags)
     with _terminate_as_interrupt(), render.TrainProgress() as progress:
         result = run_compress(request, progress, force=force, resume=bool(resume))
     if as_json:

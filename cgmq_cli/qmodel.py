@@ -9,6 +9,8 @@ gates).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -88,12 +90,15 @@ class QuantizedModel:
         """MSE-initialise every width's step: weights from themselves, activations from ``batch``."""
         was_training = self.gm.training
         self.gm.eval()
-        widths = {q: q.bits for q in self.all_quantizers()}
-        for q in widths:  # calibrate every activation on float inputs
-            q.gate.fill_(5.0)
-        inputs = self.layer_inputs(batch)
-        for q, b in widths.items():
-            q.set_bits(b)
+        # Calibrate every activation on float inputs: every quantizer passes its input through.
+        # (Moving the gates to 32 bits is not enough: a width set without 32, such as the network
+        # input's, would quantize with the not yet calibrated steps.)
+        bypass = [q.register_forward_hook(lambda _m, args, _out: args[0]) for q in self.all_quantizers()]
+        try:
+            inputs = self.layer_inputs(batch)
+        finally:
+            for hook in bypass:
+                hook.remove()
         weights = {layer.name: self.gm.get_parameter(self._weight_target(layer)) for layer in self.layers}
         for name, (wq, aq) in self.quantizers().items():
             wq.calibrate(weights[name])
@@ -120,10 +125,12 @@ def prepare(
     gm, layers = passes.insert_quantizers(gm, widths_for, input_bits, signedness, per_channel)
     example = torch.zeros((1, *sample_shape))
     try:
-        macs = cost.layer_macs(gm, {layer.name: layer.calls for layer in layers}, example)
+        with contextlib.redirect_stderr(io.StringIO()):  # fx prints its own traceback on errors
+            trace.example_forward(gm, example)
     except Exception as exc:  # any shape error inside the user's forward
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UsageError(f"the model does not accept inputs of shape {tuple(example.shape)}: {first}",
                          "check --input-shape (batch first) or the data set") from None
+    macs = cost.layer_macs(gm, {layer.name: layer.calls for layer in layers}, example)
     shapes = [cost.LayerShape(layer.name, layer.op, macs[layer.name], layer.params, layer.bias_params) for layer in layers]
     return QuantizedModel(gm=gm, layers=layers, shapes=shapes, sample_shape=tuple(sample_shape))

@@ -97,21 +97,29 @@ class Trainer:
         self.optimizer = torch.optim.Adam(qm.weight_params(), lr=config.lr)
         self.state = TrainState()
         self._batches = _cycle(train_loader)
+        self._bad_streak = 0
 
     # -- helpers ---------------------------------------------------------------
     def _emit(self, kind: str, epoch: int, /, **data: Any) -> None:
         self.on_event(Event(kind, epoch, data))
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The batch loss, or None for a non-finite loss (skipped and counted).
+
+        ``max_bad_batches`` non-finite losses in a row abort the run with a
+        TrainingError; the checkpoint of the last finished epoch stays as it was.
+        """
         dev = self.config.device
         loss = self.loss_fn(self.qm.gm(x.to(dev)), y.to(dev))
         if torch.isfinite(loss):
+            self._bad_streak = 0
             return loss
         self.state.bad_batches += 1
+        self._bad_streak += 1
         self._emit("bad_batch", self.state.epoch, count=self.state.bad_batches)
-        if self.state.bad_batches > self.config.max_bad_batches:
-            raise TrainingError(f"the loss was NaN/inf in {self.state.bad_batches} batches; stopping",
-                                "lower --lr; the last good checkpoint is kept and can be resumed")
+        if self._bad_streak >= self.config.max_bad_batches:
+            raise TrainingError(f"the loss was NaN/inf in {self._bad_streak} batches in a row; stopping",
+                                "lower --lr or check the data and loss; the checkpoint of the last finished epoch is kept")
         return None
 
     def probe(self) -> cgmq.Probe:

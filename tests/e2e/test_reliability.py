@@ -1,0 +1,306 @@
+"""Bad input, training faults and interruptions: clear one-line errors, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cgmq_cli.cli import app
+from cgmq_cli.errors import EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED
+
+ARCH = "cgmq_cli.models:DigitsCNN"
+runner = CliRunner()
+
+
+def _run(*args: str) -> object:
+    return runner.invoke(app, list(args))
+
+
+def _assert_one_line_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1, lines  # progress lines may come first; the error ends the output
+    tail = lines[errors[0]:]
+    assert len(tail) <= 2 and (len(tail) == 1 or tail[1].startswith("hint: ")), lines
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def _compress(ckpt: str, out: Path, *args: str):
+    return _run("compress", ckpt, "--arch", ARCH, "--data", "digits", "--out", str(out), "--batch-size", "32",
+                "--gate-steps", "30", *args)
+
+
+# -- profiles and flags --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, needles", [
+    ("schema_version: 1\nweight_bits: [2, 4\n", ("invalid YAML",)),
+    ("schema_version: 1\nweight_bits: [4, 8]\nact_bits: [8]\nweigth_granularity: per-channel\n", ("did you mean",)),
+    ("schema_version: 1\nweight_bits: [3, 8]\nact_bits: [8]\n", ("weight_bits[0]", "3")),
+    ("schema_version: 1\nweight_bits: []\nact_bits: [8]\n", ("weight_bits",)),
+    ("schema_version: 1\nweight_bits: [8]\nact_bits: [8]\nbudgets: {rel_bops: -1}\n", ("budgets.rel_bops", "-1")),
+    ("schema_version: 1\nweight_bits: [8]\nact_bits: [8]\nbudgets: {bops: .nan}\n", ("budgets.bops", "nan")),
+    ("weight_bits: [8]\nact_bits: [8]\n", ("schema_version",)),
+])
+def test_bad_profiles(digits_ckpt: str, tmp_path: Path, yaml_text: str, needles: tuple[str, ...]) -> None:
+    profile = tmp_path / "hw.yaml"
+    profile.write_text(yaml_text)
+    result = _compress(digits_ckpt, tmp_path / "run", "--profile", str(profile), "--budget-rel-bops", "2")
+    _assert_one_line_error(result, EXIT_BAD_INPUT, str(profile), *needles)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--budget-rel-bops", "0", "positive"),
+    ("--budget-bops", "-5", "positive"),
+    ("--budget-bops", "nan", "positive"),
+    ("--budget-bops", "lots", "not a number"),
+    ("--budget-rel-bops", "150", "at most 100"),
+    ("--weight-bits", "3", "3"),
+    ("--epochs", "0", "--epochs"),
+])
+def test_bad_flags(digits_ckpt: str, tmp_path: Path, flag: str, value: str, needle: str) -> None:
+    args = [flag, value] if flag.startswith("--budget") else [flag, value, "--budget-rel-bops", "2"]
+    _assert_one_line_error(_compress(digits_ckpt, tmp_path / "run", *args), EXIT_BAD_INPUT, needle)
+
+
+def test_flag_outside_profile_is_refused(digits_ckpt: str, tmp_path: Path) -> None:
+    result = _compress(digits_ckpt, tmp_path / "run", "--profile", "npu-4-8", "--weight-bits", "2",
+                       "--budget-cost", "1e5")
+    _assert_one_line_error(result, EXIT_BAD_INPUT, "--weight-bits")
+
+
+def test_conflicting_flags(digits_ckpt: str, tmp_path: Path) -> None:
+    _assert_one_line_error(_run("compress", "--resume", str(tmp_path), "--epochs", "3"), EXIT_BAD_INPUT, "--resume")
+    _assert_one_line_error(_compress(digits_ckpt, tmp_path / "r", "--budget-cost", "10"), EXIT_BAD_INPUT,
+                           "--budget-cost needs a profile with a cost table")
+
+
+def test_no_budget_and_no_data(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _assert_one_line_error(_run("compress", digits_ckpt, "--arch", ARCH), EXIT_BAD_INPUT, "no training data", "--data")
+    _assert_one_line_error(_run("compress", digits_ckpt, "--arch", ARCH, "--data", "digits"), EXIT_BAD_INPUT,
+                           "no budget given")
+
+
+def test_infeasible_names_minimum(digits_ckpt: str, tmp_path: Path) -> None:
+    _assert_one_line_error(_compress(digits_ckpt, tmp_path / "run", "--budget-bops", "1000"), EXIT_INFEASIBLE,
+                           "minimum reachable 1.46074e+06")
+
+
+def test_project_file_supplies_settings(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgmq.yaml").write_text(textwrap.dedent(f"""
+        arch: {ARCH}
+        data: digits
+        epochs: 1
+        batch_size: 32
+        budgets: {{rel_bops: 3}}
+        out: runs/from-project
+    """))
+    result = _run("compress", digits_ckpt, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["budget"]["rel_bops"] == 3
+    assert (tmp_path / "runs" / "from-project" / "report.json").is_file()
+    (tmp_path / "cgmq.yaml").write_text("dta: digits\n")
+    _assert_one_line_error(_run("compress", digits_ckpt), EXIT_BAD_INPUT, "did you mean `data`")
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+def test_data_errors(digits_ckpt: str, tmp_path: Path) -> None:
+    bad_fn = tmp_path / "bad_data.py"
+    bad_fn.write_text("def make():\n    raise RuntimeError('no disk')\n")
+    empty_fn = tmp_path / "empty_data.py"
+    empty_fn.write_text("import torch\nfrom torch.utils.data import TensorDataset\n"
+                        "def make():\n    e = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))\n"
+                        "    return e, e\n")
+    budget = ("--budget-rel-bops", "2")
+    cases = [
+        (["--data", f"fashion-mnist:{tmp_path / 'nowhere'}"], "nowhere"),
+        (["--data", f"{bad_fn}:make"], "no disk"),
+        (["--data", f"{empty_fn}:make"], "empty"),
+        (["--data", "mnist", "--arch", "torchvision:resnet18"], None),
+    ]
+    for extra, needle in cases[:3]:
+        result = _run("compress", digits_ckpt, "--arch", ARCH, "--out", str(tmp_path / "run"), *budget, *extra)
+        _assert_one_line_error(result, EXIT_BAD_INPUT, needle)
+    # wrong image size / channels for the model: a 3-channel model on 1-channel digits
+    wrong = tmp_path / "rgb.py"
+    wrong.write_text("from torch import nn\ndef Net():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))\n")
+    torch.save(__import__("runpy").run_path(str(wrong))["Net"]().state_dict(), tmp_path / "rgb.pt")
+    result = _run("compress", str(tmp_path / "rgb.pt"), "--arch", f"{wrong}:Net", "--data", "digits",
+                  "--out", str(tmp_path / "run"), *budget)
+    _assert_one_line_error(result, EXIT_BAD_INPUT, "does not accept inputs of shape (1, 1, 8, 8)")
+    assert not (tmp_path / "run").exists()
+
+
+# -- training faults, outputs, environment ---------------------------------------------------------
+
+def test_nan_loss_skipped_then_aborts_keeping_checkpoint(digits_ckpt: str, tmp_path: Path) -> None:
+    loss = tmp_path / "nanloss.py"
+    loss.write_text(textwrap.dedent("""
+        import torch
+        from torch.nn import functional as F
+        calls = {"n": 0}
+        def sometimes(out, y):  # NaN for two batches of the gate epoch (12 calls go to the float evaluation)
+            calls["n"] += 1
+            return F.cross_entropy(out, y) * (float("nan") if calls["n"] in (20, 21) else 1.0)
+        def always(out, y):
+            return F.cross_entropy(out, y) * float("nan")
+    """))
+    ok = _compress(digits_ckpt, tmp_path / "ok", "--loss", f"{loss}:sometimes", "--epochs", "1",
+                   "--budget-rel-bops", "2")
+    assert ok.exit_code == 0, ok.output
+    assert "non-finite loss, batch skipped (2 so far)" in ok.stderr
+    bad = _compress(digits_ckpt, tmp_path / "bad", "--loss", f"{loss}:always", "--epochs", "2", "--budget-rel-bops", "2")
+    _assert_one_line_error(bad, EXIT_TRAINING_FAILED, "NaN/inf in 20 batches in a row")
+    assert torch.load(tmp_path / "bad" / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_unwritable_output_fails_before_training(digits_ckpt: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    started = time.time()
+    result = _compress(digits_ckpt, blocker / "run", "--budget-rel-bops", "2")
+    _assert_one_line_error(result, EXIT_BAD_INPUT, "cannot write to run directory")
+    assert time.time() - started < 20
+
+
+def test_force_only_replaces_runs(digits_ckpt: str, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = _compress(digits_ckpt, precious, "--budget-rel-bops", "2", "--force")
+    _assert_one_line_error(result, EXIT_BAD_INPUT, "not a cgmq run directory")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_cuda_without_cuda(digits_ckpt: str, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _assert_one_line_error(_compress(digits_ckpt, tmp_path / "run", "--device", "cuda", "--budget-rel-bops", "2"),
+                           EXIT_BAD_INPUT, "CUDA is not available")
+
+
+def test_more_workers_than_cores(digits_ckpt: str, tmp_path: Path) -> None:
+    result = _compress(digits_ckpt, tmp_path / "run", "--workers", str((os.cpu_count() or 2) + 2), "--epochs", "1",
+                       "--budget-rel-bops", "3", "--subset", "256")
+    assert result.exit_code == 0, result.output
+
+
+def test_traceback_only_with_debug(digits_ckpt: str, tmp_path: Path) -> None:
+    env = {**os.environ, "CGMQ_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cgmq_cli", "compress", str(tmp_path / "missing.pt"), "--data",
+                           "digits", "--budget-rel-bops", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "cgmq_cli", "compress", str(tmp_path / "missing.pt"), "--data",
+                           "digits", "--budget-rel-bops", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: model file not found")
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+def _start(ckpt: str, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cgmq_cli", "compress", ckpt, "--arch", ARCH, "--data", "digits",
+                             "--out", str(out), "--budget-rel-bops", "1.5", "--epochs", "3", "--gate-steps", "300",
+                             "--batch-size", "16", "--subset", "512"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and needle in path.read_text():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{needle!r} never appeared in {path}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_epoch_leaves_resumable_run(digits_ckpt: str, tmp_path: Path, sig: int) -> None:
+    out = tmp_path / "run"
+    proc = _start(digits_ckpt, out)
+    _wait_for(out / "train.log", "epoch=1 epoch_start", proc)  # the gate epoch (300 steps)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "cgmq compress --resume" in err and "Traceback" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0  # the state before epoch 1
+    result = _run("compress", "--resume", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["feasible"] and report["epochs"] == 3 and len(report["history"]) == 3
+
+
+def test_sigkill_never_leaves_half_written_files(digits_ckpt: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start(digits_ckpt, out)
+    _wait_for(out / "train.log", "epoch=2 epoch_start", proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # complete and loadable
+    assert ckpt["epoch"] in (1, 2)
+    assert json.loads((out / "config.json").read_text())["settings"]["data"] == "digits"
+    assert not (out / "report.json").exists() and not (out / "model.pt").exists()
+
+
+# -- property: random profiles and budgets ---------------------------------------------------------
+
+def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path) -> None:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from torch import nn
+
+    from cgmq_cli import cgmq, qmodel
+    from cgmq_cli.compress import check_budget
+    from cgmq_cli.cost import Budget
+    from cgmq_cli.errors import InfeasibleBudgetError
+    from cgmq_cli.profiles import HardwareProfile
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    widths = st.lists(st.sampled_from([2, 4, 8, 16, 32]), min_size=1, max_size=5, unique=True)
+
+    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(w=widths, a=widths, rel=st.floats(0.05, 120), wbytes=st.one_of(st.none(), st.floats(10, 5000)))
+    def check(w, a, rel, wbytes):
+        profile = HardwareProfile(name="random", weight_bits=tuple(w), act_bits=tuple(a))
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+        qm = qmodel.prepare(model, (12,), widths_for=profile.widths_for, input_bits=8)
+        qm.calibrate(x)
+        budget = Budget(rel_bops=min(rel, 100.0), weight_bytes=wbytes)
+        try:
+            check_budget(qm, budget, profile)
+        except InfeasibleBudgetError:
+            return
+        tensors = cgmq.free_tensors(qm.quantizers())
+        costs = cgmq.CostModel(qm.shapes, budget, None, False)
+        qm.set_probing(True)
+        for _ in range(5):
+            nn.functional.cross_entropy(qm.gm(x), y).backward()
+            cgmq.gate_step(tensors, costs, qm.bits(), eta=0.2, r=1.5)
+            for t in tensors:
+                t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
+        qm.set_probing(False)
+        probe = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731
+        bits, _ = cgmq.repair(tensors, costs, qm.bits(), probe)
+        bits, _ = cgmq.fill(tensors, costs, bits, probe)
+        assert budget.is_satisfied_by(qm.cost()) and bits == qm.bits()
+
+    check()
