@@ -318,13 +318,57 @@ def check(
 
 
 @app.command()
+def export(
+    run: Optional[str] = typer.Argument(None, help="Run directory (default runs/latest)."),
+    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="QDQ ONNX file to write (default RUN_DIR/model.onnx)."),
+    opset: int = typer.Option(25, "--opset", help="ONNX opset: 25 native int2/int4; 21-24 2-bit in int4; 13-20 8-bit containers with Clip."),
+    float_path: Optional[Path] = typer.Option(None, "--float", help="Also write the float model here, for comparison."),
+    benchmark: bool = typer.Option(False, "--benchmark", help="Measure onnxruntime latency (median of repeated runs) of the files."),
+    force: bool = typer.Option(False, "--force", help="Replace existing ONNX files."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+) -> None:
+    """Export a run to ONNX QuantizeLinear/DequantizeLinear with its true widths, verified in onnxruntime."""
+    from cgmq_cli.deploy import export_run
+
+    if not 13 <= opset <= 25:
+        raise UsageError(f"--opset {opset}: supported opsets are 13 to 25")
+    result = export_run(rundir.resolve_run(run), onnx_path, opset, float_path, benchmark, force)
+    if as_json:
+        render.json_out(result.as_dict())
+    else:
+        render.export_summary(result)
+
+
+@app.command()
+def verify(
+    onnx_file: Path = typer.Argument(..., help="A QDQ ONNX file (cgmq's or any other tool's)."),
+    budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="Fail (exit 4) when the file's BOPs exceed N."),
+    budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Fail (exit 4) when the weight bytes exceed N."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+) -> None:
+    """Read every layer's widths back from an ONNX file's Q/DQ nodes; compute BOPs and weight bytes."""
+    from cgmq_cli.export import verify as ver
+
+    if not onnx_file.is_file():
+        raise UsageError(f"{onnx_file} not found" if not onnx_file.exists() else f"{onnx_file} is not a file")
+    bops = settings.parse_number(budget_bops, "--budget-bops")
+    wbytes = settings.parse_number(budget_weight_bytes, "--budget-weight-bytes")
+    result = ver.read_widths(onnx_file)
+    if as_json:
+        render.json_out({"file": str(onnx_file), **result.as_dict(), "budget": {"bops": bops, "weight_bytes": wbytes}})
+    else:
+        render.verify_table(onnx_file, result, bops, wbytes)
+    ver.check_budget(result, bops, wbytes)
+
+
+@app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Run directory of the demo's compression."),
     budget_rel_bops: float = typer.Option(2.0, "--budget-rel-bops", help="Budget in percent of float BOPs."),
     epochs: int = typer.Option(6, "--epochs", help="CGMQ epochs."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo run."),
 ) -> None:
-    """Offline walk-through: train a small CNN on digits, compress it within a budget, report."""
+    """Offline walk-through: train a small CNN on digits, compress it within a budget, report, export ONNX."""
     from cgmq_cli import data, models, report as rep
     from cgmq_cli.trainer import evaluate, train_float
 
@@ -332,21 +376,25 @@ def demo(
     rundir.prepare_run_dir(out_dir, force)
     shutil.rmtree(out_dir)  # prepare checked it is writable and ours; compress recreates it
     float_path = out_dir.parent / f"{out_dir.name}-float" / "digits_cnn.pt"
-    render.info(f"1/3 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
+    render.info(f"1/4 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
     bundle = data.load_data("digits")
     train_loader, val_loader = data.make_loaders(bundle, 32, 0, 0)
     model = train_float(models.DigitsCNN(), train_loader, epochs=15, lr=3e-3, seed=0)
     acc = evaluate(model, val_loader, nn.functional.cross_entropy, "cpu")["accuracy"]
     render.info(f"    float validation accuracy {acc:.2f}%")
     rundir.save_torch(float_path, model.state_dict())
-    render.info(f"2/3 cgmq compress {float_path} --arch cgmq_cli.models:DigitsCNN --data digits "
+    render.info(f"2/4 cgmq compress {float_path} --arch cgmq_cli.models:DigitsCNN --data digits "
                 f"--budget-rel-bops {budget_rel_bops:g} --epochs {epochs} --out {out_dir}")
     request = CompressSettings(model=str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
                                budget=Budget(rel_bops=budget_rel_bops), batch_size=32, train=TrainConfig(epochs=epochs))
     with render.TrainProgress() as progress:
         result = run_compress(request, progress, force=True)
-    render.info(f"3/3 cgmq report {out_dir}")
+    render.info(f"3/4 cgmq report {out_dir}")
     render.stdout().print(rep.rich_report(result.report))
+    from cgmq_cli.deploy import export_run
+
+    render.info(f"4/4 cgmq export {out_dir} --onnx (verified in onnxruntime)")
+    render.export_summary(export_run(out_dir, None))
 
 
 def main() -> None:

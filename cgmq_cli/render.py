@@ -159,3 +159,42 @@ def compress_summary(report: dict, run_dir: Any) -> None:
     out = stdout()
     for line in lines:
         out.print(line, markup=False, highlight=False)
+
+
+def export_summary(result: Any) -> None:
+    q = result.qdq
+    out = stdout()
+    say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731
+    say(f"wrote {q.path} (opset {q.opset}, {q.size_bytes:,} bytes)")
+    if result.float is not None:
+        f = result.float
+        say(f"wrote {f.path} (float, {f.size_bytes:,} bytes); QDQ file is {100 * q.size_bytes / f.size_bytes:.1f}% of it")
+    if q.parity is not None:
+        p = q.parity
+        say(f"parity with PyTorch on {result.parity_source}: top-1 agreement {p.agreement:.2f}%, "
+            f"max |logit diff| {p.max_abs_diff:.3g}")
+    say(f"BOPs read back from the file: {result.report_bops:,} (equal to report.json)")
+    if result.latency_ms:
+        lat = result.latency_ms
+        line = f"onnxruntime latency (median, batch 1): QDQ {lat['qdq']:.3f} ms"
+        if "float" in lat:
+            line += f", float {lat['float']:.3f} ms, ratio {lat['ratio_qdq_over_float']:.2f}x"
+        say(line)
+
+
+def verify_table(path: Any, result: Any, bops: float | None, weight_bytes: float | None) -> None:
+    rows = [(l.node, l.op, f"{l.macs:,}", f"{l.bits_w}/{l.bits_a}", f"{l.bops:,}", f"{l.weight_bytes:,.0f}", l.lint)
+            for l in result.layers]
+    out = stdout()
+    out.print(table(f"{path} (opset {result.opset})", ("node", "op", "MACs", "bits w/a", "BOPs", "weight bytes",
+                                                       "onnxruntime CPU"), rows,
+                    right=("MACs", "BOPs", "weight bytes")))
+    rel = 100 * result.bops / (result.macs * 1024) if result.macs else 0.0
+    lines = [f"total: {result.macs:,} MACs, {result.bops:,} BOPs ({rel:.3f}% of 32x32), "
+             f"{result.weight_bytes:,.0f} weight bytes",
+             "loads in onnxruntime (CPU, default options): " + ("yes" if result.loads else f"NO ({result.load_error})")]
+    for label, value, limit in (("BOPs", result.bops, bops), ("weight bytes", result.weight_bytes, weight_bytes)):
+        if limit is not None:
+            lines.append(f"budget {label}: {value:,.0f} <= {limit:,.0f}: {'yes' if value <= limit else 'NO'}")
+    for line in lines:
+        out.print(line, markup=False, highlight=False)

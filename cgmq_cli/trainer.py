@@ -35,10 +35,11 @@ class TrainConfig:
     finish: str = "repair-fill"  # or "constraint" (plain CGGD)
     max_bad_batches: int = 20
     device: str = "cpu"
+    rounds: int | None = None  # (gate, weight) rounds; None: max(1, epochs // 3); 0: plain QAT
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
-        rounds = max(1, self.epochs // 3)
+        rounds = self.rounds if self.rounds is not None else max(1, self.epochs // 3)
         kinds = ["gate", "weight"] * rounds
         return (kinds + ["weight"] * self.epochs)[: self.epochs]
 

@@ -1,0 +1,383 @@
+"""Export a prepared model to ONNX with standard QuantizeLinear/DequantizeLinear.
+
+Why this path
+-------------
+torch.onnx cannot emit sub-8-bit Q/DQ from fake-quant arithmetic (it exports
+the Div/Round/Clip/Mul, or at best 8-bit ``fake_quantize`` ops). A custom op
+with an onnxscript translation could emit Q/DQ, but inside torch.onnx's graph:
+its optimizer may still fold or move around them (e.g. a weight DQ followed by
+the Transpose of a linear layer), and choosing the layout of each weight needs
+to see its consumer, which is a graph rewrite anyway. So cgmq keeps torch.onnx
+for the bulk of the graph, which therefore works for any traceable model
+(residual adds, concat, pooling, flatten, ...), and inserts Q/DQ afterwards
+with the onnx helpers, where it controls every node:
+
+1. each quantizer call of ``qm.gm`` is replaced by a *marker*
+   ``torch.onnx.ops.symbolic("cgmq::Mark", idx)``: an identity-shaped custom
+   node that torch.onnx passes through verbatim and its optimizer cannot fold
+   away or move, so it pins the exact tensor (a layer's input activation, or
+   its weight at one call site) in the exported graph;
+2. :mod:`cgmq_cli.export.qdq_rewrite` replaces every marker by standard ops:
+   integer weight initializers (codes computed in PyTorch, bit-identical to the
+   fake quantizer) -> DequantizeLinear, and activation Q -> DQ, with the
+   containers and onnxruntime guards of :mod:`cgmq_cli.export.qdq_types`. No
+   custom op is left in the file.
+
+torch.onnx translates to opset 18 and newer; for ``opset`` 13-17 the finished
+graph is exported at 18 and converted down with onnx's version converter.
+
+The float model (:func:`export_float`) goes through the very same path with
+every width at 32, so both files have the same structure and layer names.
+Files are written atomically (a temporary file in the target directory,
+checked, then ``os.replace``); a failed export or failed check leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import onnx
+import torch
+from torch import fx
+
+from cgmq_cli import __version__
+from cgmq_cli.errors import ExportError, ParityError
+from cgmq_cli.export import qdq_types, verify
+from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, rewrite
+from cgmq_cli.graph import passes
+from cgmq_cli.quant.functional import FLOAT_BITS
+
+MIN_AGREEMENT = 99.9  # percent top-1 agreement with PyTorch an export must reach
+PARITY_EXAMPLES = 64  # random inputs when no validation data is given
+MAX_PROTO_BYTES = 2**31 - 1
+TORCH_MIN_OPSET = 18  # the lowest opset torch.onnx (dynamo) translates to
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    name: str
+    node: str  # the Conv/MatMul node of the (first) call site
+    op: str
+    bits_w: int
+    bits_a: int
+    weight_type: str  # "int4", "int8" (container), ... or "float"
+    act_type: str
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    path: Path
+    opset: int
+    size_bytes: int
+    layers: tuple[ExportedLayer, ...]
+    dynamic_batch: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+    parity: verify.ParityResult | None = None  # when parity was checked
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "opset": self.opset, "size_bytes": self.size_bytes,
+                "dynamic_batch": self.dynamic_batch,
+                "layers": [vars(layer) for layer in self.layers],
+                "parity": self.parity.as_dict() if self.parity is not None else None}
+
+
+def _mark(x: torch.Tensor, idx: int) -> torch.Tensor:
+    return torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::{MARK_OP}", (x,), {"idx": idx},
+                                   dtype=x.dtype, shape=x.shape, version=1)
+
+
+def _marked_module(qm, float_only: bool) -> tuple[fx.GraphModule, list[Mark]]:
+    """A copy of ``qm.gm`` whose quantizer calls are markers (or nothing when ``float_only``)."""
+    gm = qm.gm
+    by_key = {layer.key: layer for layer in qm.layers}
+    pairs = passes.quantizers(gm)
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    marks: list[Mark] = []
+    prefix = passes.QUANT_ROOT + "."
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(prefix):
+            continue
+        key, role = str(node.target)[len(prefix):].rsplit(".", 1)
+        layer = by_key[key]
+        user = next(iter(node.users))
+        call = layer.calls.index(user.name) if user.name in layer.calls else 0
+        wq, aq = pairs[key]
+        q = wq if role == "weight" else aq
+        bits = FLOAT_BITS if float_only else q.bits
+        weight = bias = None
+        if role == "weight":
+            weight = _attr_tensor(gm, node.args[0])
+            b_node = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+            bias = _attr_tensor(gm, b_node) if isinstance(b_node, fx.Node) and b_node.op == "get_attr" else None
+        step = q.step(bits).detach() if bits < FLOAT_BITS else None
+        marks.append(Mark(layer=layer.name, role=role, call=call, bits=bits,
+                          signed=True if role == "weight" else q.is_signed, step=step, weight=weight, bias=bias))
+        with graph.inserting_before(node):
+            new = graph.call_function(_mark, (node.args[0], len(marks) - 1))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    return fx.GraphModule(gm, graph, "CgmqExport"), marks
+
+
+def _attr_tensor(gm: torch.nn.Module, node: fx.Node) -> torch.Tensor:
+    """The parameter or buffer a ``get_attr`` node reads."""
+    target = str(node.target)
+    if any(name == target for name, _ in gm.named_parameters()):
+        return gm.get_parameter(target)
+    return gm.get_buffer(target)
+
+
+def _torch_export(module: fx.GraphModule, sample_shape: tuple[int, ...], opset: int) -> tuple[onnx.ModelProto, bool]:
+    """torch.onnx (dynamo) export; batch dimension dynamic when the model allows it.
+
+    Below opset 18 (the lowest torch.onnx translates to) it exports at 18; the
+    caller converts the finished QDQ graph down with onnx's version converter.
+    """
+    device = next(module.parameters(), torch.empty(0)).device
+    attempts = [(torch.randn(2, *sample_shape, device=device), ({0: torch.export.Dim("batch")},)),
+                (torch.randn(1, *sample_shape, device=device), None)]
+    errors = []
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for example, dynamic in attempts:
+        try:
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(module, (example,), dynamo=True, opset_version=max(opset, TORCH_MIN_OPSET),
+                                            dynamic_shapes=dynamic, optimize=True, verbose=False,
+                                            external_data=False)
+            model = program.model_proto
+            break
+        except Exception as exc:  # torch.export / torch.onnx raise many types
+            errors.append(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+    else:
+        raise ExportError(f"torch.onnx could not export the model: {errors[-1]}",
+                          "the model must be exportable with torch.onnx.export(..., dynamo=True)")
+    return model, dynamic is not None
+
+
+def _opset_of(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _drop_default_attributes(node: onnx.NodeProto, source: int, target: int) -> None:
+    """Remove attributes the target schema lacks when they hold the newer schema's default.
+
+    onnx's converter leaves e.g. ReduceMean's ``noop_with_empty_axes=0`` in
+    place when going 18 -> 17; at its default it only restates old behaviour.
+    """
+    known = onnx.defs.get_schema(node.op_type, target).attributes
+    newer = onnx.defs.get_schema(node.op_type, source).attributes
+    keep = []
+    for attr in node.attribute:
+        if attr.name in known:
+            keep.append(attr)
+            continue
+        default = newer[attr.name].default_value if attr.name in newer else None
+        if default is None or not default.HasField("type") \
+                or onnx.helper.get_attribute_value(default) != onnx.helper.get_attribute_value(attr):
+            raise ExportError(f"cannot convert {node.op_type} to opset {target}: attribute `{attr.name}` is set",
+                              "use --opset 18 or higher")
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
+def _convert_down(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter, keeping node and model metadata it may drop."""
+    node_meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.metadata_props}
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise ExportError(f"cannot convert the graph to opset {opset}: {str(exc).strip().splitlines()[0][:200]}",
+                          "use --opset 18 or higher") from None
+    source = _opset_of(model)
+    for node in converted.graph.node:
+        if node.name in node_meta and not node.metadata_props:
+            node.metadata_props.extend(node_meta[node.name])
+        if node.domain in ("", "ai.onnx"):
+            _drop_default_attributes(node, source, opset)
+    if not converted.metadata_props:
+        converted.metadata_props.extend(model.metadata_props)
+    return converted
+
+
+def _finalize(model: onnx.ModelProto, opset: int, metadata: dict[str, str]) -> None:
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
+    model.producer_name = "cgmq"
+    model.producer_version = __version__
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def _metadata(qm, opset: int, user: dict | None, float_only: bool) -> dict[str, str]:
+    out = {"cgmq.version": __version__, "cgmq.opset": str(opset),
+           "cgmq.kind": "float" if float_only else "qdq"}
+    if not float_only:
+        cost = qm.cost()
+        out["cgmq.cost"] = json.dumps({"bops": cost.bops, "rel_bops": cost.rel_bops,
+                                       "weight_bytes": cost.weight_bytes, "macs": cost.macs})
+        out["cgmq.bits"] = json.dumps({name: list(b) for name, b in qm.bits().items()})
+        out["cgmq.range_marker"] = (f"DequantizeLinear node metadata {qdq_types.RANGE_KEY}='lo,hi' marks a weight "
+                                    "stored in a wider integer container; its true width covers [lo, hi]")
+    for key, value in (user or {}).items():
+        key = key if key.startswith("cgmq.") else f"cgmq.{key}"
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def _layers(qm, records: list[Rewritten]) -> tuple[ExportedLayer, ...]:
+    first = {}
+    for rec in records:
+        if rec.layer not in first or rec.call < first[rec.layer].call:
+            first[rec.layer] = rec
+    out = []
+    for layer in qm.layers:
+        rec = first.get(layer.name)
+        if rec is None:
+            raise ExportError(f"layer `{layer.name}` was not found in the exported graph", "please report this model")
+        out.append(ExportedLayer(
+            name=layer.name, node=rec.node, op=rec.op, bits_w=rec.weight.bits if rec.weight else FLOAT_BITS,
+            bits_a=rec.act.bits if rec.act else FLOAT_BITS,
+            weight_type=_type_label(rec.weight), act_type=_type_label(rec.act)))
+    return tuple(out)
+
+
+def _type_label(st: qdq_types.Storage | None) -> str:
+    if st is None:
+        return "float"
+    return st.type_name + (f" (holds {st.bits}-bit)" if st.is_container else "")
+
+
+def _build(qm, opset: int, metadata: dict | None, float_only: bool) -> tuple[onnx.ModelProto, list[Rewritten], bool]:
+    if not qdq_types.MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ExportError(f"--opset {opset} is outside {qdq_types.MIN_OPSET}..{onnx.defs.onnx_opset_version()}",
+                          "use --opset 25 (2-bit types), 21 (4/16-bit types) or 17 (8-bit containers)")
+    if not float_only:  # fail early, naming the layer, when a width has no type at this opset
+        for name, (bw, ba) in qm.bits().items():
+            qdq_types.storage(bw, True, opset, f"the weight of layer `{name}`")
+            qdq_types.storage(ba, True, opset, f"the input of layer `{name}`")
+    was_training = qm.gm.training
+    qm.gm.eval()
+    try:
+        module, marks = _marked_module(qm, float_only)
+        model, dynamic = _torch_export(module, qm.sample_shape, opset)
+    finally:
+        qm.gm.train(was_training)
+    records = rewrite(model, marks, opset)
+    if _opset_of(model) != opset:
+        model = _convert_down(model, opset)
+    if _opset_of(model) != opset:
+        raise ExportError(f"could not produce opset {opset} (got opset {_opset_of(model)})", "use --opset 18 or higher")
+    _finalize(model, opset, _metadata(qm, opset, metadata, float_only))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(exc).strip().splitlines()[0][:300]}",
+                          "please report this model") from None
+    if model.ByteSize() > MAX_PROTO_BYTES:
+        raise ExportError("the exported model is larger than 2 GiB, the protobuf limit", "export a smaller model")
+    return model, records, dynamic
+
+
+def _write(model: onnx.ModelProto, path: Path, check) -> None:
+    """Write ``model`` to a temporary file next to ``path``, run ``check(tmp)``, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        check(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _random_inputs(qm, n: int = PARITY_EXAMPLES, batch: int = 32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(min(batch, n - i), *qm.sample_shape, generator=gen) for i in range(0, n, batch)]
+
+
+def export_qdq(
+    qm,
+    path: str | os.PathLike,
+    opset: int = 25,
+    metadata: dict | None = None,
+    *,
+    check: bool = True,
+    parity_inputs: Iterable[torch.Tensor] | None = None,
+    min_agreement: float = MIN_AGREEMENT,
+) -> ExportInfo:
+    """Export ``qm`` at its current widths to a QDQ ONNX file at ``path``.
+
+    With ``check`` (the default) the file must pass onnx.checker, read back
+    (:func:`verify.read_widths`) with exactly the cost model's BOPs and weight
+    bytes, load in an onnxruntime CPU session with default options, and agree
+    with the PyTorch quantized model on ``parity_inputs`` (default: 64 seeded
+    random inputs) in at least ``min_agreement`` percent of top-1
+    predictions; otherwise :class:`ExportError` / :class:`ParityError` and no
+    file is written (the checks run on the temporary file).
+    ``metadata`` is stored in metadata_props as ``cgmq.<key>`` (JSON values).
+    """
+    model, records, dynamic = _build(qm, opset, metadata, float_only=False)
+    layers = _layers(qm, records)
+    result = {}
+
+    def _check(tmp: Path) -> None:
+        if not check:
+            return
+        read, cost = verify.read_widths(tmp, runtime=False), qm.cost()
+        pairs = (("BOPs", read.bops, cost.bops), ("weight bytes", read.weight_bytes, cost.weight_bytes))
+        for label, got, want in pairs:
+            if got != want:
+                raise ExportError(f"the file reads back as {got:,} {label} but the cost model says {want:,}",
+                                  "please report this model; the file was not written")
+        verify.load_session(tmp)
+        inputs = list(parity_inputs) if parity_inputs is not None else _random_inputs(qm)
+        res = verify.parity(qm, tmp, inputs)
+        result["parity"] = res
+        if res.agreement < min_agreement:
+            raise ParityError(f"onnxruntime agrees with PyTorch on {res.agreement:.2f}% of top-1 predictions "
+                              f"(< {min_agreement}%), max |logit diff| {res.max_abs_diff:.3g}",
+                              "please report this model; the file was not written")
+
+    _write(model, Path(path), _check)
+    return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,
+                      dynamic_batch=dynamic, metadata={p.key: p.value for p in model.metadata_props},
+                      parity=result.get("parity"))
+
+
+def export_float(qm, path: str | os.PathLike, opset: int = 25, *, check: bool = True) -> ExportInfo:
+    """Export the float model (BN folded, quantizers bypassed) for comparison.
+
+    With ``check`` the file must pass onnx.checker and load in onnxruntime.
+    """
+    model, records, dynamic = _build(qm, opset, None, float_only=True)
+    layers = _layers(qm, records)
+    _write(model, Path(path), (lambda tmp: verify.load_session(tmp)) if check else (lambda tmp: None))
+    return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,
+                      dynamic_batch=dynamic, metadata={p.key: p.value for p in model.metadata_props})
