@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import pickle
 import re
 import sys
@@ -70,6 +71,12 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"{path} is empty (0 bytes)", "the file was not written completely; save the model again")
 
 
+def _unreadable(path: Path, exc: Exception, detail: str | None = None) -> CheckpointError:
+    first = detail or (str(exc).splitlines()[0][:120] if str(exc) else "")
+    return CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format)",
+                           f"torch.load said: {type(exc).__name__}: {first}")
+
+
 def _safe_load(path: Path, trusted: bool) -> Any:
     """torch.load with weights_only=True; pickled objects only when trusted."""
     names = _zip_names(path)
@@ -79,6 +86,9 @@ def _safe_load(path: Path, trusted: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        bad_op = re.search(r"Unsupported operand \d+", str(exc))
+        if bad_op:  # not a pickle stream that torch.save writes: garbage bytes or another format
+            raise _unreadable(path, exc, bad_op.group(0)) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = found.group(1) if found else "arbitrary Python objects"
         if not trusted:
@@ -87,8 +97,7 @@ def _safe_load(path: Path, trusted: bool) -> Any:
                 "save model.state_dict() and pass --arch, or pass --trust-checkpoint if you trust this file",
             ) from None
     except Exception as exc:  # corrupt archive, garbage bytes, truncated zip
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format)",
-                              f"torch.load said: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
+        raise _unreadable(path, exc) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -210,11 +219,21 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
 
 def _load_pt2(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     """The program's module and the shape of one example of its first input."""
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)  # torch.export.load logs a full traceback for an unreadable file
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+    finally:
+        export_log.setLevel(level)
     args = program.example_inputs[0] if program.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
-    return program.module(), shape
+    module = program.module()
+    # ExportedProgram.module() makes train()/eval() raise NotImplementedError through instance
+    # attributes (the graph's ops are fixed either way); cgmq only needs the mode flag to toggle.
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    return module, shape

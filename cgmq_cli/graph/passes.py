@@ -161,6 +161,7 @@ def insert_quantizers(
                 extra = () if base == "linear" else (module.stride, module.padding, module.dilation, module.groups)
                 weight, groups = module.weight, getattr(module, "groups", 1)
             else:
+                _positional_operands(node)
                 x, w_node = node.args[0], node.args[1]
                 b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 weight = gm.get_parameter(w_node.target) if _is_param(gm, w_node.target) else gm.get_buffer(w_node.target)
@@ -192,6 +193,17 @@ def insert_quantizers(
     gm.recompile()
     layers = [LayerInfo(**{**r, "calls": tuple(r["calls"])}) for r in records.values()]
     return gm, layers
+
+
+def _positional_operands(node: fx.Node) -> None:
+    """Move ``input``/``weight`` passed by keyword (``F.linear(x, weight=w)``) to positions 0 and 1."""
+    if len(node.args) >= 2:
+        return
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if not args:
+        args.append(kwargs.pop("input"))
+    args.append(kwargs.pop("weight"))
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:

@@ -34,7 +34,6 @@ class CgmqTracer(fx.Tracer):
         self.cgmq_stack: list[str] = []
         self.cgmq_failed_in: str | None = None  # innermost submodule whose forward raised
 
-
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
