@@ -343,6 +343,7 @@ def export(
 def verify(
     onnx_file: Path = typer.Argument(..., help="A QDQ ONNX file (cgmq's or any other tool's)."),
     budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="Fail (exit 4) when the file's BOPs exceed N."),
+    budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="Fail (exit 4) when BOPs exceed P percent of the file's 32x32 BOPs."),
     budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Fail (exit 4) when the weight bytes exceed N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
@@ -352,8 +353,12 @@ def verify(
     if not onnx_file.is_file():
         raise UsageError(f"{onnx_file} not found" if not onnx_file.exists() else f"{onnx_file} is not a file")
     bops = settings.parse_number(budget_bops, "--budget-bops")
+    rel = settings.parse_number(budget_rel_bops, "--budget-rel-bops")
     wbytes = settings.parse_number(budget_weight_bytes, "--budget-weight-bytes")
     result = ver.read_widths(onnx_file)
+    if rel is not None:  # percent of the file's own 32x32 BOPs, as an absolute limit
+        rel_limit = rel / 100 * result.macs * 32 * 32
+        bops = rel_limit if bops is None else min(bops, rel_limit)
     if as_json:
         render.json_out({"file": str(onnx_file), **result.as_dict(), "budget": {"bops": bops, "weight_bytes": wbytes}})
     else:

@@ -147,11 +147,12 @@ def plot(reports: Sequence[dict], path: Path) -> None:
         top.bar([i - 0.2 for i in x], [l["bits_w"] for l in report["layers"]], width=0.4, label="weights")
         top.bar([i + 0.2 for i in x], [l["bits_a"] for l in report["layers"]], width=0.4, label="input activations")
         top.set_yscale("log", base=2)
+        top.set_ylim(1, 48)  # so that a 2-bit bar is visible
         top.set_yticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
         top.set_ylabel("bits")
         top.set_title(f"{report['run']}: {report['cost']['rel_bops']:.3f}% rel. BOPs, "
                       f"acc {report['accuracy']['quantized']:.2f}%")
-        top.legend(loc="upper right", fontsize=8)
+        top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8, frameon=False)
         total = report["cost"]["bops"] or 1
         bottom.bar(list(x), [100 * l["bops"] / total for l in report["layers"]], color="tab:gray")
         bottom.set_ylabel("share of BOPs (%)")
