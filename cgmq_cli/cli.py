@@ -165,6 +165,8 @@ def _compress_settings(flags: dict, budget_flags: dict) -> CompressSettings:
     for key in ("epochs", "batch_size"):
         if int(values[key]) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {values[key]}")
+    if values.get("amp") and not str(values.get("device") or "cpu").startswith("cuda"):
+        raise UsageError("--amp needs --device cuda", "drop --amp on CPU")
     leaves = values.get("leaf") or ()
     return CompressSettings(
         model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
@@ -174,7 +176,7 @@ def _compress_settings(flags: dict, budget_flags: dict) -> CompressSettings:
         weight_bits=settings.parse_bits(values.get("weight_bits"), "--weight-bits"),
         act_bits=settings.parse_bits(values.get("act_bits"), "--act-bits"),
         subset=values.get("subset"), batch_size=int(values["batch_size"]), workers=int(values["workers"]),
-        seed=int(values["seed"]), loss=values.get("loss"), train=_train_config(values))
+        seed=int(values["seed"]), loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
 
 
 @app.command()
@@ -205,13 +207,14 @@ def compress(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint."),
     gate_steps: Optional[int] = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300)."),
     finish: Optional[str] = typer.Option(None, "--finish", help="Gate-epoch finish: repair-fill (default) or constraint (plain CGGD)."),
+    amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (float16 autocast) for the model; quantizers stay float32."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr."),
 ) -> None:
     """Compress MODEL to mixed precision within the budget(s), learning every width by CGMQ."""
     flags = dict(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust=trust_checkpoint or None,
                  data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
                  weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
-                 loss=loss, out=out, gate_steps=gate_steps, finish=finish)
+                 loss=loss, out=out, gate_steps=gate_steps, finish=finish, amp=amp or None)
     budget_flags = {"bops": budget_bops, "rel_bops": budget_rel_bops, "weight_bytes": budget_weight_bytes,
                     "cost": budget_cost}
     if resume:
@@ -231,6 +234,8 @@ def compress(
         request = _compress_settings(flags, budget_flags)
     with _terminate_as_interrupt(), render.TrainProgress() as progress:
         result = run_compress(request, progress, force=force, resume=bool(resume))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     if as_json:
         render.json_out(result.report)
     else:

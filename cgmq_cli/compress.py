@@ -18,8 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, checkpoint, cost, data, rundir
-from cgmq_cli.errors import InfeasibleBudgetError, InterruptedRun, UsageError
+from cgmq_cli import __version__, api, checkpoint, cost, data, distributed, rundir
+from cgmq_cli.distributed import DistContext
+from cgmq_cli.errors import CgmqError, InfeasibleBudgetError, InterruptedRun, TrainingError, UsageError
 from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
 from cgmq_cli.qmodel import QuantizedModel
 from cgmq_cli.trainer import Event, Trainer, TrainConfig, TrainState, evaluate
@@ -47,6 +48,7 @@ class CompressSettings:
     workers: int = 0
     seed: int = 0
     loss: str | None = None
+    amp: bool = False  # CUDA autocast (float16) for the model; quantizer math stays float32
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def as_dict(self) -> dict:
@@ -150,42 +152,78 @@ def _log_line(event: Event) -> str:
     return f"{time.strftime('%H:%M:%S')} epoch={event.epoch + 1} {event.kind} {fields}"
 
 
+def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: DistContext, files: dict) -> None:
+    """Rank 0 creates the run directory; every rank learns whether that worked."""
+    error = None
+    if ctx.is_main:
+        try:
+            rundir.prepare_run_dir(run_dir, force)
+            rundir.write_json(run_dir / "config.json", files["config"])
+            rundir.write_text(run_dir / "profile.yaml", files["profile"])
+        except CgmqError as exc:
+            error = exc
+    if not ctx.all_true(error is None, "cpu"):
+        raise error or UsageError(f"rank 0 could not prepare the run directory {run_dir}")
+
+
 def compress(settings: CompressSettings, on_event: Callable[[Event], None] | None = None,
              force: bool = False, resume: bool = False) -> CompressResult:
-    """Run (or resume) a compression; returns the run directory and its report."""
-    on_event = on_event or (lambda e: None)
+    """Run (or resume) a compression; returns the run directory and its report.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each
+    global batch; only rank 0 writes the run directory and reports events.
+    """
+    ctx = distributed.from_env(settings.train.device)
+    try:
+        return _compress(settings, on_event, force, resume, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | None, force: bool, resume: bool,
+              ctx: DistContext) -> CompressResult:
+    on_event = (on_event or (lambda e: None)) if ctx.is_main else (lambda e: None)
+    device = distributed.device_for(ctx, settings.train.device)
+    settings_run = replace(settings, train=replace(settings.train, device=device))
     run_dir = Path(settings.out)
     torch.manual_seed(settings.seed)
     model, qm, bundle, profile, source = _build(settings, run_dir if resume else None)
     notes = check_budget(qm, settings.budget, profile)
     if not resume:
-        rundir.prepare_run_dir(run_dir, force)
-        rundir.write_json(run_dir / "config.json", {"cgmq_version": __version__, "settings": settings.as_dict(),
-                                                    "source": source.as_dict(), "sample_shape": list(bundle.sample_shape)})
-        rundir.write_text(run_dir / "profile.yaml", profile_yaml(profile))
-    log = rundir.RunLog(run_dir / "train.log")
+        _start_run_dir(settings, run_dir, force, ctx, {
+            "config": {"cgmq_version": __version__, "settings": settings.as_dict(), "source": source.as_dict(),
+                       "sample_shape": list(bundle.sample_shape)},
+            "profile": profile_yaml(profile)})
+    log = rundir.RunLog(run_dir / "train.log") if ctx.is_main else None
 
     def emit(event: Event) -> None:
-        log.write(_log_line(event))
+        if log is not None:
+            log.write(_log_line(event))
         on_event(event)
 
     for note in notes:
         emit(Event("info", 0, {"message": note}))
+    if ctx.enabled:
+        emit(Event("info", 0, {"message": f"distributed: {ctx.world} processes, global batch {settings.batch_size}"}))
     loss_fn = _loss_fn(settings.loss)
-    device = settings.train.device
-    train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed)
-    float_acc = evaluate(model.to(device), val_loader, loss_fn, device)["accuracy"]
+    train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
+                                                 distributed=ctx.enabled)
+    float_acc = evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"]
     qm.gm.to(device)
-    trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings.train,
-                      profile.mac_cost if profile.cost_table else None, profile.cost_table is not None, loss_fn, emit)
+    trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
+                      profile.mac_cost if profile.cost_table else None, profile.cost_table is not None, loss_fn, emit,
+                      dist=ctx, amp=settings.amp)
     started = time.time()
     if resume:
-        elapsed = _restore(run_dir, qm, trainer)
-        started -= elapsed
+        started -= _restore(run_dir, qm, trainer)
         emit(Event("info", trainer.state.epoch, {"message": f"resumed after epoch {trainer.state.epoch}"}))
     else:
         qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
-    save = lambda state: _save_checkpoint(run_dir, qm, state, time.time() - started)  # noqa: E731
+
+    def save(state: TrainState) -> None:
+        if ctx.is_main:
+            _save_checkpoint(run_dir, qm, state, time.time() - started)
+
     if not resume:
         save(trainer.state)
     try:
@@ -193,13 +231,23 @@ def compress(settings: CompressSettings, on_event: Callable[[Event], None] | Non
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; {run_dir} keeps the state after epoch {trainer.state.epoch}",
                              f"continue with: cgmq compress --resume {run_dir}") from None
+    except RuntimeError as exc:  # gloo/NCCL: a peer died or hung; every rank stops
+        if not ctx.enabled or isinstance(exc, CgmqError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"rank {ctx.rank}: another process of this distributed run failed ({first[:160]}); "
+                            f"the job stops, {run_dir} keeps the state after epoch {trainer.state.epoch}",
+                            f"continue with: cgmq compress --resume {run_dir} (any number of processes)") from None
     finally:
-        log.close()
-    quant_acc = evaluate(qm.gm, val_loader, loss_fn, device)["accuracy"]
+        if log is not None:
+            log.close()
+    quant_acc = evaluate(qm.gm, val_loader, loss_fn, device, ctx)["accuracy"]
     report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir)
-    save_model(run_dir / "model.pt", qm)
-    rundir.write_json(run_dir / "report.json", report)
-    rundir.point_latest(run_dir)
+    if ctx.is_main:
+        save_model(run_dir / "model.pt", qm)
+        rundir.write_json(run_dir / "report.json", report)
+        rundir.point_latest(run_dir)
+    ctx.barrier()
     return CompressResult(run_dir, report)
 
 
@@ -213,8 +261,9 @@ def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no checkpoint.pt to resume from")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location=trainer.config.device, weights_only=True)
     qm.gm.load_state_dict(ckpt["model"])
+    qm.gm.to(trainer.config.device)
     trainer.state = TrainState(epoch=ckpt["epoch"], history=list(ckpt["history"]), optimizer=ckpt["optimizer"],
                                bad_batches=ckpt["bad_batches"])
     if ckpt["optimizer"]:

@@ -257,27 +257,34 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled, seeded) and val loader (in order).
 
-    With ``distributed=True`` both use a ``DistributedSampler`` (train seeded and
-    shuffled, val not); the caller must call ``train.sampler.set_epoch(epoch)``.
+    ``batch_size`` is the global batch. The train order is the same
+    ``DistributedSampler`` permutation with one process or many (seeded by
+    ``seed + epoch``; the caller calls ``train.sampler.set_epoch(epoch)``), and
+    with ``distributed=True`` rank r takes every world-th example of it, so a
+    global batch of a distributed run holds exactly the examples of the same
+    batch of a single-process run. Validation is sharded the same way, without
+    padding, so that summed counts give the exact accuracy.
     """
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size}", "pass --batch-size N with N >= 1")
     if workers < 0:
         raise DataError(f"workers must be >= 0, got {workers}", "pass --workers 0 or more")
-    gen = torch.Generator().manual_seed(seed)
-    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers}
-    if not distributed:
-        train = DataLoader(bundle.train, shuffle=True, generator=gen, **common)
-        return train, DataLoader(bundle.val, shuffle=False, **common)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise DataError(
-            "distributed loaders need an initialized torch.distributed process group",
-            "launch with torchrun",
-        )
-    train_s = DistributedSampler(bundle.train, shuffle=True, seed=seed)
-    val_s = DistributedSampler(bundle.val, shuffle=False)
-    train = DataLoader(bundle.train, sampler=train_s, generator=gen, **common)
-    return train, DataLoader(bundle.val, sampler=val_s, **common)
+    world, rank = 1, 0
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise DataError(
+                "distributed loaders need an initialized torch.distributed process group",
+                "launch with torchrun",
+            )
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if batch_size % world:
+        raise DataError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes", f"use a multiple of {world}")
+    common: dict[str, Any] = {"batch_size": batch_size // world, "num_workers": workers}
+    train_s = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    val = bundle.val if world == 1 else Subset(bundle.val, range(rank, len(bundle.val), world))
+    train = DataLoader(bundle.train, sampler=train_s, **common)
+    return train, DataLoader(val, shuffle=False, **common)
 
 
 def calibration_batch(bundle: DataBundle, n: int = 256, seed: int = 0) -> torch.Tensor:

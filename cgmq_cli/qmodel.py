@@ -66,6 +66,9 @@ class QuantizedModel:
         return [p for p in self.gm.parameters() if id(p) not in gates]
 
     def set_probing(self, on: bool) -> None:
+        """Gate-epoch mode: gates and probes take gradients, weights and steps are frozen (and back)."""
+        for p in self.weight_params():
+            p.requires_grad_(not on)
         for q in self.all_quantizers():
             q.probing = on
             q.gate.requires_grad_(on)

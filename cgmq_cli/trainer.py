@@ -20,6 +20,7 @@ from torch import nn
 
 from cgmq_cli import cgmq
 from cgmq_cli.cost import Budget, MacCost
+from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import TrainingError
 from cgmq_cli.qmodel import QuantizedModel
 
@@ -69,8 +70,9 @@ def _cycle(loader: Any) -> Iterator:
         yield from loader
 
 
-def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, device: str) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean loss over ``loader``."""
+def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, device: str,
+             dist: DistContext = DistContext()) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean loss over ``loader`` (summed over ranks when distributed)."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -82,14 +84,25 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, device: str) -> dic
             if out.ndim == 2:
                 correct += int((out.argmax(1) == y).sum())
             total += len(y)
+    correct, total, loss_sum = dist.sum(torch.tensor([correct, total, loss_sum], dtype=torch.float64)).tolist()
     return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
 class Trainer:
     def __init__(self, qm: QuantizedModel, train_loader: Any, val_loader: Any, budget: Budget,
                  config: TrainConfig, mac_cost: MacCost | None = None, table: bool = False,
-                 loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+                 loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None,
+                 dist: DistContext = DistContext(), amp: bool = False) -> None:
         self.qm, self.train_loader, self.val_loader = qm, train_loader, val_loader
+        self.dist = dist
+        self.amp = amp and config.device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.net: nn.Module = qm.gm
+        if dist.enabled:  # weight epochs run through DDP; steps of unused widths get no gradient
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.device(config.device).index] if config.device.startswith("cuda") else None
+            self.net = DistributedDataParallel(qm.gm, device_ids=ids, find_unused_parameters=True)
         self.config = config
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.on_event = on_event or (lambda e: None)
@@ -104,15 +117,19 @@ class Trainer:
     def _emit(self, kind: str, epoch: int, /, **data: Any) -> None:
         self.on_event(Event(kind, epoch, data))
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """The batch loss, or None for a non-finite loss (skipped and counted).
+    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dev = self.config.device
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            return self.loss_fn(model(x.to(dev)), y.to(dev))
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor | None:
+        """The batch loss, or None for a non-finite loss (skipped and counted; every rank agrees).
 
         ``max_bad_batches`` non-finite losses in a row abort the run with a
         TrainingError; the checkpoint of the last finished epoch stays as it was.
         """
-        dev = self.config.device
-        loss = self.loss_fn(self.qm.gm(x.to(dev)), y.to(dev))
-        if torch.isfinite(loss):
+        loss = self._forward_loss(model or self.qm.gm, x, y)
+        if self.dist.all_true(bool(torch.isfinite(loss)), self.config.device):
             self._bad_streak = 0
             return loss
         self.state.bad_batches += 1
@@ -123,9 +140,17 @@ class Trainer:
                                 "lower --lr or check the data and loss; the checkpoint of the last finished epoch is kept")
         return None
 
+    def _gate_grads(self) -> torch.Tensor:
+        """(doubling, halving) first-order loss changes of every free tensor, averaged over ranks."""
+        values = torch.tensor([[float(t.quantizer.gate.grad or 0.0), float(t.quantizer.down_probe.grad or 0.0)]
+                               for t in self.tensors], dtype=torch.float64).reshape(-1, 2)
+        for t in self.tensors:
+            t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
+        return self.dist.mean(values)
+
     def probe(self) -> cgmq.Probe:
         """Average first-order loss change of doubling / halving each free tensor over a few batches."""
-        sums = {t.quantizer: [0.0, 0.0] for t in self.tensors}
+        total = torch.zeros((len(self.tensors), 2), dtype=torch.float64)
         self.qm.set_probing(True)
         self.qm.gm.eval()
         for x, y in itertools.islice(self._batches, self.config.probe_batches):
@@ -133,13 +158,10 @@ class Trainer:
             if loss is None:
                 continue
             loss.backward()
-            for q, acc in sums.items():
-                acc[0] += float(q.gate.grad or 0.0)
-                acc[1] += float(q.down_probe.grad or 0.0)
-                q.gate.grad = q.down_probe.grad = None
+            total += self._gate_grads()
         self.qm.set_probing(False)
-        n = max(self.config.probe_batches, 1)
-        return {q: (acc[0] / n, acc[1] / n) for q, acc in sums.items()}
+        total /= max(self.config.probe_batches, 1)
+        return {t.quantizer: (float(total[i, 0]), float(total[i, 1])) for i, t in enumerate(self.tensors)}
 
     # -- epochs ----------------------------------------------------------------
     def gate_epoch(self, epoch: int) -> dict:
@@ -154,10 +176,12 @@ class Trainer:
             if loss is None:
                 continue
             loss.backward()
-            bits = self.qm.bits()
-            cgmq.gate_step(self.tensors, self.costs, bits, cfg.eta, cfg.r)
+            grads = self._gate_grads()
+            for t, g in zip(self.tensors, grads[:, 0].tolist()):
+                t.quantizer.gate.grad = torch.tensor(g)
+            cgmq.gate_step(self.tensors, self.costs, self.qm.bits(), cfg.eta, cfg.r)
             for t in self.tensors:
-                t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
+                t.quantizer.gate.grad = None
             load = self.costs.load(self.qm.bits())
             over = load > 1.0
             crossings += int(was_over is not None and over != was_over)
@@ -173,6 +197,8 @@ class Trainer:
         else:
             after, repaired = cgmq.repair(self.tensors, self.costs, before, self.probe)
             after, filled = cgmq.fill(self.tensors, self.costs, after, self.probe)
+        bits = [b for pair in self.qm.bits().values() for b in pair]
+        self.dist.check_same(bits, "the widths after a gate epoch", self.config.device)
         return {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(after),
                 "min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
                 "crossings": crossings, "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled]}
@@ -185,11 +211,12 @@ class Trainer:
         steps = len(self.train_loader)
         for i, (x, y) in enumerate(self.train_loader):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(x, y)
+            loss = self._loss(x, y, self.net)
             if loss is None:
                 continue
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             total, n = total + loss.item(), n + 1
             if i % max(steps // 5, 1) == 0 or i == steps - 1:
                 self._emit("progress", epoch, phase="weight", step=i + 1, steps=steps, loss=loss.item())
@@ -202,9 +229,10 @@ class Trainer:
             kind = schedule[epoch]
             if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
                 self.train_loader.sampler.set_epoch(epoch)
+            self._batches = _cycle(self.train_loader)  # every epoch starts its own pass of the sampler
             self._emit("epoch_start", epoch, epoch_kind=kind, epochs=len(schedule))
             info = self.gate_epoch(epoch) if kind == "gate" else self.weight_epoch(epoch)
-            metrics = evaluate(self.qm.gm, self.val_loader, self.loss_fn, self.config.device)
+            metrics = evaluate(self.qm.gm, self.val_loader, self.loss_fn, self.config.device, self.dist)
             summary = self.costs.summary(self.qm.bits())
             record = {"epoch": epoch + 1, "epoch_kind": kind, **info, **metrics, "rel_bops": summary.rel_bops,
                       "bops": summary.bops, "weight_bytes": summary.weight_bytes,

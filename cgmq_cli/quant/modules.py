@@ -100,6 +100,13 @@ class GatedQuantizer(nn.Module):
         return F.fake_quant(x, F.channel_view(step, x.ndim), qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantizer math always runs in float32, also under autocast (--amp)."""
+        if x.dtype != torch.float32 and x.is_floating_point():
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.bits
         q = self.quantize(x, bits)
         if not self.probing:

@@ -113,10 +113,20 @@ def test_distributed_samplers_single_process(digits: DataBundle, tmp_path: Path)
     try:
         train, val = make_loaders(digits, 8, seed=3, distributed=True)
         assert train.sampler.shuffle and train.sampler.seed == 3
-        assert not val.sampler.shuffle
         assert len(list(val)) == 45  # 360 / 8, all examples on the only rank
+        single, _ = make_loaders(digits, 8, seed=3)  # the same order without a process group
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(train, single))
     finally:
         dist.destroy_process_group()
+
+
+def test_global_batch_is_sharded_across_ranks(digits: DataBundle) -> None:
+    """Rank r takes every world-th example: the union of the ranks' batch i is batch i of one process."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    single = list(DistributedSampler(digits.train, num_replicas=1, rank=0, shuffle=True, seed=5))[:16]
+    ranks = [list(DistributedSampler(digits.train, num_replicas=2, rank=r, shuffle=True, seed=5))[:8] for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(single)
 
 
 def test_calibration_batch_is_fixed(digits: DataBundle) -> None:
