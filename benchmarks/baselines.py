@@ -19,7 +19,7 @@ from torch import nn
 from cgmq_cli import cgmq
 from cgmq_cli.cost import Budget
 from cgmq_cli.qmodel import QuantizedModel
-from cgmq_cli.trainer import Trainer, TrainConfig
+from cgmq_cli.trainer import Trainer
 
 WIDTHS = (2, 4, 8, 16)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -97,23 +96,34 @@ def run_sensitivity(model, bundle, loaders, budget, epochs, seed) -> dict:
     return {**result, "seconds": result["seconds"] + search, "runs": 1}
 
 
-def run_penalty(model, bundle, loaders, budget, epochs, seed, max_tries=4) -> dict:
-    """Raise mu by decades until a run lands within budget; returns that run and the number of runs needed."""
-    mu = -2.0  # log10 mu; raised by two decades after every run that misses the budget
-    tried, best = [], None
-    for attempt in range(1, max_tries + 1):
+def run_penalty(model, bundle, loaders, budget, epochs, seed, max_tries=6) -> dict:
+    """How a user tunes a penalty method: raise mu by 100x until a run lands within budget, then bisect
+    log10(mu) between the largest miss and the smallest hit (``max_tries`` runs in all), keeping the
+    within-budget run that uses most of the budget. Returns it with the number of runs needed."""
+    tried, hits = [], []
+    miss = hit = None  # log10 mu of the largest miss / smallest hit so far
+    mu = -2.0
+    while len(tried) < max_tries:
         torch.manual_seed(seed)
         result = train_and_score(prepared(model, bundle), baselines.PenaltyTrainer, loaders, budget,
                                  TrainConfig(epochs=epochs), mu=10.0 ** mu)
         tried.append({"mu": 10.0 ** mu, "rel_bops": result["rel_bops"], "accuracy": result["accuracy"]})
         if result["within_budget"]:
-            best = {**result, "runs": attempt, "mu": 10.0 ** mu}
+            hits.append({**result, "mu": 10.0 ** mu})
+            hit = mu if hit is None else min(hit, mu)
+        else:
+            miss = mu if miss is None else max(miss, mu)
+        if hit is None:
+            mu += 2.0
+        elif miss is None or hit - miss < 0.25:
             break
-        mu = mu + 2.0  # over budget: a 100x larger penalty
-    if best is None:
-        best = {**result, "runs": max_tries, "mu": 10.0 ** mu, "note": f"not within budget after {max_tries} runs"}
-    best["tried"] = tried
-    return best
+        else:
+            mu = (miss + hit) / 2
+    if not hits:
+        return {**result, "runs": len(tried), "mu": 10.0 ** mu, "tried": tried,
+                "note": f"not within budget after {len(tried)} runs"}
+    best = max(hits, key=lambda h: h["rel_bops"])
+    return {**best, "runs": len(tried), "tried": tried}
 
 
 def run_ort_int8(model, bundle, loaders) -> dict:

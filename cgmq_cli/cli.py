@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
@@ -28,7 +27,6 @@ from cgmq_cli.compress import CompressSettings
 from cgmq_cli.compress import compress as run_compress
 from cgmq_cli.cost import Budget
 from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError, UsageError
-from cgmq_cli.profiles import load_profile
 from cgmq_cli.trainer import TrainConfig
 
 
@@ -134,51 +132,6 @@ def profiles(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         render.profiles_table(rows)
 
 
-def _default_out(model: str) -> str:
-    stem = Path(model.split(":")[-1]).stem or "model"
-    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def _train_config(values: dict) -> TrainConfig:
-    base = TrainConfig()
-    return TrainConfig(epochs=int(values.get("epochs", base.epochs)), lr=float(values.get("lr", base.lr)),
-                       eta=values.get("eta") or base.eta, r=values.get("r") or base.r,
-                       gate_steps=values.get("gate_steps") or base.gate_steps,
-                       finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
-
-
-def _compress_settings(flags: dict, budget_flags: dict) -> CompressSettings:
-    project, _ = settings.read_project()
-    values = settings.merged(flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
-    if not values.get("model"):
-        raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
-    if not values.get("data"):
-        raise UsageError("no training data given", "pass --data SPEC (e.g. --data digits or --data fashion-mnist:DIR), "
-                         "or set `data` in cgmq.yaml / [tool.cgmq]")
-    profile = load_profile(values.get("profile"))
-    budgets = {k: profile.default_budgets.__dict__.get(k) for k in settings.BUDGET_KEYS}
-    budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
-    budgets.update({k: v for k, v in budget_flags.items() if v is not None})
-    budget = Budget(**{k: settings.parse_number(v, f"budget {k}") for k, v in budgets.items()})
-    if budget.rel_bops is not None and budget.rel_bops > 100:
-        raise UsageError(f"--budget-rel-bops {budget.rel_bops:g} is a percentage and must be at most 100")
-    for key in ("epochs", "batch_size"):
-        if int(values[key]) <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {values[key]}")
-    if values.get("amp") and not str(values.get("device") or "cpu").startswith("cuda"):
-        raise UsageError("--amp needs --device cuda", "drop --amp on CPU")
-    leaves = values.get("leaf") or ()
-    return CompressSettings(
-        model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
-        budget=budget, arch=values.get("arch"), trust=bool(values.get("trust")),
-        leaves=tuple([leaves] if isinstance(leaves, str) else leaves),
-        input_shape=api.parse_shape(values.get("input_shape")), profile=values.get("profile"),
-        weight_bits=settings.parse_bits(values.get("weight_bits"), "--weight-bits"),
-        act_bits=settings.parse_bits(values.get("act_bits"), "--act-bits"),
-        subset=values.get("subset"), batch_size=int(values["batch_size"]), workers=int(values["workers"]),
-        seed=int(values["seed"]), loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
-
-
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
@@ -231,7 +184,7 @@ def compress(
     else:
         if finish is not None and finish not in ("repair-fill", "constraint"):
             raise UsageError(f"--finish {finish!r}: expected repair-fill or constraint")
-        request = _compress_settings(flags, budget_flags)
+        request = settings.resolve_compress(flags, budget_flags)
     with _terminate_as_interrupt(), render.TrainProgress() as progress:
         result = run_compress(request, progress, force=force, resume=bool(resume))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports

@@ -13,12 +13,14 @@ the BOPs. Cost knows nothing of training: it maps widths to numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+
+from cgmq_cli.budget import Budget  # noqa: F401 - re-exported: budgets are compared with CostSummary
 
 FLOAT_BITS = 32
 BIAS_BYTES = 4
@@ -132,28 +134,3 @@ def extreme_cost(
     pick = min if lowest else max
     bits = {layer.name: (pick(allowed[layer.name][0]), pick(allowed[layer.name][1])) for layer in layers}
     return summarize(layers, bits, mac_cost)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Upper bounds; None means unbounded. ``rel_bops`` is in percent."""
-
-    bops: float | None = None
-    rel_bops: float | None = None
-    weight_bytes: float | None = None
-    cost: float | None = None
-    names: tuple[str, ...] = field(default=("bops", "rel_bops", "weight_bytes", "cost"), repr=False)
-
-    def limits(self) -> dict[str, float]:
-        return {n: getattr(self, n) for n in self.names if getattr(self, n) is not None}
-
-    def violations(self, summary: CostSummary) -> dict[str, float]:
-        """Budget name -> relative excess (value / limit - 1) for every violated budget."""
-        values = summary.as_dict()
-        return {n: values[n] / lim - 1.0 for n, lim in self.limits().items() if values[n] > lim}
-
-    def is_satisfied_by(self, summary: CostSummary) -> bool:
-        return not self.violations(summary)
-
-    def as_dict(self) -> dict:
-        return {n: getattr(self, n) for n in self.names}

@@ -25,7 +25,10 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
 from cgmq_cli.errors import ProfileError
+
+Budgets = Budget  # a profile's default budgets
 
 SCHEMA_VERSION = 1
 VALID_BITS = (2, 4, 8, 16, 32)  # 32 = not quantized (float)
@@ -38,7 +41,6 @@ WEIGHT_FLAG, ACT_FLAG = "--weight-bits", "--act-bits"
 TOP_KEYS = ("schema_version", "name", "description", "weight_bits", "act_bits", "weight_granularity",
             "act_signedness", "input_bits", "per_op", "overrides", "cost", "budgets")
 PAIR_KEYS = ("weight_bits", "act_bits")
-BUDGET_KEYS = ("bops", "rel_bops", "weight_bytes", "cost")
 _ALLOWED_BITS = "allowed widths are 2, 4, 8, 16, 32 (32 = float)"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -111,23 +113,6 @@ def _check_pair(obj: OpWidths | Override, where: str) -> None:
     if obj.weight_bits is None and obj.act_bits is None:
         given = {k: v for k, v in vars(obj).items() if v is not None}
         raise _FieldError(where, "", given, "sets neither weight_bits nor act_bits")
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Default upper bounds a profile suggests; None means unbounded. ``rel_bops`` is in percent."""
-
-    bops: float | None = None
-    rel_bops: float | None = None
-    weight_bytes: float | None = None
-    cost: float | None = None
-
-    def __post_init__(self) -> None:
-        for key in BUDGET_KEYS:
-            value = getattr(self, key)
-            if value is not None:
-                upper = 100.0 if key == "rel_bops" else math.inf
-                object.__setattr__(self, key, _positive(value, "Budgets", key, upper))
 
 
 @dataclass(frozen=True)
@@ -368,6 +353,8 @@ def _build(cls: type, where: str, path: str, **kwargs: Any) -> Any:
         return cls(**kwargs)
     except _FieldError as exc:
         raise exc.within(where, path) from None
+    except BudgetValueError as exc:
+        raise _FieldError(where, f"{path}.{exc.key}", exc.value, exc.allowed) from None
 
 
 def _parse_cost(value: Any, where: str) -> tuple[dict[tuple[int, int], Any] | None, str]:

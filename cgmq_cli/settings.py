@@ -13,13 +13,19 @@ optional)::
 from __future__ import annotations
 
 import difflib
+import time
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from cgmq_cli import api
+from cgmq_cli.budget import Budget
+from cgmq_cli.compress import CompressSettings
 from cgmq_cli.errors import UsageError
+from cgmq_cli.profiles import load_profile
+from cgmq_cli.trainer import TrainConfig
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
@@ -104,3 +110,47 @@ def parse_bits(value: Any, what: str) -> tuple[int, ...] | None:
     if not bits:
         raise UsageError(f"{what} is empty")
     return bits
+
+
+def _default_out(model: str) -> str:
+    stem = Path(model.split(":")[-1]).stem or "model"
+    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _train_config(values: dict) -> TrainConfig:
+    base = TrainConfig()
+    return TrainConfig(epochs=int(values.get("epochs", base.epochs)), lr=float(values.get("lr", base.lr)),
+                       eta=values.get("eta") or base.eta, r=values.get("r") or base.r,
+                       gate_steps=values.get("gate_steps") or base.gate_steps,
+                       finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
+
+
+def resolve_compress(flags: dict, budget_flags: dict) -> "CompressSettings":
+    """CompressSettings from flags > project file > profile defaults > built-in defaults."""
+    project, _ = read_project()
+    values = merged(flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
+    if not values.get("model"):
+        raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
+    if not values.get("data"):
+        raise UsageError("no training data given", "pass --data SPEC (e.g. --data digits or --data fashion-mnist:DIR), "
+                         "or set `data` in cgmq.yaml / [tool.cgmq]")
+    profile = load_profile(values.get("profile"))
+    budgets = {k: profile.default_budgets.__dict__.get(k) for k in BUDGET_KEYS}
+    budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
+    budgets.update({k: v for k, v in budget_flags.items() if v is not None})
+    budget = Budget(**{k: parse_number(v, f"budget {k}") for k, v in budgets.items()})
+    for key in ("epochs", "batch_size"):
+        if int(values[key]) <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {values[key]}")
+    if values.get("amp") and not str(values.get("device") or "cpu").startswith("cuda"):
+        raise UsageError("--amp needs --device cuda", "drop --amp on CPU")
+    leaves = values.get("leaf") or ()
+    return CompressSettings(
+        model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
+        budget=budget, arch=values.get("arch"), trust=bool(values.get("trust")),
+        leaves=tuple([leaves] if isinstance(leaves, str) else leaves),
+        input_shape=api.parse_shape(values.get("input_shape")), profile=values.get("profile"),
+        weight_bits=parse_bits(values.get("weight_bits"), "--weight-bits"),
+        act_bits=parse_bits(values.get("act_bits"), "--act-bits"),
+        subset=values.get("subset"), batch_size=int(values["batch_size"]), workers=int(values["workers"]),
+        seed=int(values["seed"]), loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))

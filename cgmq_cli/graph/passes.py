@@ -120,7 +120,7 @@ def _candidates(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str, Callable | 
             if getattr(module, "padding_mode", "zeros") != "zeros":
                 raise TraceError(
                     f"layer `{node.target}` uses padding_mode={module.padding_mode!r}, which cgmq cannot quantize",
-                    f"use zero padding, or keep its parent untraced with --leaf",
+                    "use zero padding, or keep its parent untraced with --leaf",
                 )
             found.append((node, node.target, base, fn))
         elif node.op == "call_function" and node.target in FUNCTION_OPS:
