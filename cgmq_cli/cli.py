@@ -16,11 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
 import typer
-from typer.core import TyperGroup
-
 from torch import nn
+from typer.core import TyperGroup
 
 from cgmq_cli import __version__, api, checks, render, rundir, settings
 from cgmq_cli.compress import CompressSettings
@@ -34,16 +32,30 @@ def debug_enabled() -> bool:
     return os.environ.get("CGMQ_DEBUG", "") not in ("", "0")
 
 
-# Typer >= 0.22 vendors its own click (typer._click): its usage errors, Exit and Abort are not
-# the `click` package's classes, so both families must pass through the boundary untouched.
-_CLICK_FLOW = (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit, typer.Abort,
-               getattr(getattr(typer, "exceptions", None), "TyperException", click.ClickException))
+def _click_flow() -> tuple[type[BaseException], ...]:
+    """Exceptions that are click's control flow (usage errors, --help, exits): they pass the boundary.
+
+    Typer >= 0.22 vendors its own click (``typer._click``) and does not install the
+    ``click`` package; older typer uses that package. Cover both.
+    """
+    flow: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort)
+    typer_exc = getattr(getattr(typer, "exceptions", None), "TyperException", None)
+    if typer_exc is not None:
+        flow += (typer_exc,)
+    try:
+        import click
+    except ImportError:
+        return flow
+    return flow + (click.exceptions.Exit, click.ClickException, click.exceptions.Abort)
+
+
+_CLICK_FLOW = _click_flow()
 
 
 class CgmqGroup(TyperGroup):
     """Runs every command inside the error boundary (also under CliRunner)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CgmqError as exc:
