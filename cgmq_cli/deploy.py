@@ -61,8 +61,8 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int = 25, float_pat
     if float_path is not None:
         _refuse_existing(float_path, force)
     run = load_run(run_dir)
-    qm = run.qm.gm.cpu() and run.qm
-    qm.gm.eval()
+    qm = run.qm
+    qm.gm.cpu().eval()
     if qm.cost().bops != run.report["cost"]["bops"]:
         raise CheckFailedError(f"the rebuilt model costs {qm.cost().bops:,} BOPs but report.json says "
                                f"{run.report['cost']['bops']:,}", "the run directory was modified; compress again")
