@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -118,9 +118,15 @@ class CostModel:
         return sum(abs(b[n] - a[n]) / lim for n, lim in self.budget.limits().items())
 
 
-def gate_step(tensors: list[Tensor], costs: CostModel, bits: Bits, eta: float, r: float) -> dict[str, float]:
-    """Apply one step of the rule to the gates; returns the violated budgets it acted on."""
-    grads = torch.tensor([float(t.quantizer.gate.grad or 0.0) for t in tensors], dtype=torch.float64)
+def gate_step(tensors: list[Tensor], costs: CostModel, bits: Bits, eta: float, r: float,
+              loss_grads: Sequence[float] | None = None) -> dict[str, float]:
+    """Apply one step of the rule to the gates; returns the violated budgets it acted on.
+
+    ``loss_grads`` are dL/dg per tensor (default: the gates' ``.grad``).
+    """
+    if loss_grads is None:
+        loss_grads = [float(t.quantizer.gate.grad or 0.0) for t in tensors]
+    grads = torch.tensor(list(loss_grads), dtype=torch.float64)
     violated = costs.violated(bits)
     cost_grads = [costs.gradient(name, tensors, bits) for name in violated]
     step = direction(grads, cost_grads, r)

@@ -161,7 +161,7 @@ def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: 
             rundir.write_text(run_dir / "profile.yaml", files["profile"])
         except CgmqError as exc:
             error = exc
-    if not ctx.all_true(error is None, "cpu"):
+    if not ctx.all_true(error is None):
         raise error or UsageError(f"rank 0 could not prepare the run directory {run_dir}")
 
 

@@ -23,6 +23,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where collectives run: the rank's GPU with NCCL, the CPU with gloo
 
     @property
     def enabled(self) -> bool:
@@ -34,27 +35,28 @@ class DistContext:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (identity with one process)."""
-        if self.enabled:
-            values = values.clone()
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
+        if not self.enabled:
+            return values
+        out = values.to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(values.device)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         return self.sum(values) / self.world
 
-    def all_true(self, flag: bool, device: str) -> bool:
+    def all_true(self, flag: bool) -> bool:
         """True only if ``flag`` holds on every rank."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0)
 
-    def check_same(self, values: list[int], what: str, device: str) -> None:
+    def check_same(self, values: list[int], what: str) -> None:
         """Raise when ranks disagree (e.g. on the widths after a gate epoch)."""
         if not self.enabled:
             return
-        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         if any(not torch.equal(g, gathered[0]) for g in gathered):
@@ -79,7 +81,8 @@ def from_env(device: str) -> DistContext:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("CGMQ_DIST_TIMEOUT_MIN", "30"))))
-    return DistContext(rank=rank, world=world, local_rank=local)
+    return DistContext(rank=rank, world=world, local_rank=local,
+                       device=f"cuda:{local}" if backend == "nccl" else "cpu")
 
 
 def device_for(ctx: DistContext, device: str) -> str:

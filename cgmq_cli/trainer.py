@@ -129,7 +129,7 @@ class Trainer:
         TrainingError; the checkpoint of the last finished epoch stays as it was.
         """
         loss = self._forward_loss(model or self.qm.gm, x, y)
-        if self.dist.all_true(bool(torch.isfinite(loss)), self.config.device):
+        if self.dist.all_true(bool(torch.isfinite(loss))):
             self._bad_streak = 0
             return loss
         self.state.bad_batches += 1
@@ -176,12 +176,8 @@ class Trainer:
             if loss is None:
                 continue
             loss.backward()
-            grads = self._gate_grads()
-            for t, g in zip(self.tensors, grads[:, 0].tolist()):
-                t.quantizer.gate.grad = torch.tensor(g)
-            cgmq.gate_step(self.tensors, self.costs, self.qm.bits(), cfg.eta, cfg.r)
-            for t in self.tensors:
-                t.quantizer.gate.grad = None
+            grads = self._gate_grads()  # averaged over ranks: every rank takes the same step
+            cgmq.gate_step(self.tensors, self.costs, self.qm.bits(), cfg.eta, cfg.r, grads[:, 0].tolist())
             load = self.costs.load(self.qm.bits())
             over = load > 1.0
             crossings += int(was_over is not None and over != was_over)
@@ -198,7 +194,7 @@ class Trainer:
             after, repaired = cgmq.repair(self.tensors, self.costs, before, self.probe)
             after, filled = cgmq.fill(self.tensors, self.costs, after, self.probe)
         bits = [b for pair in self.qm.bits().values() for b in pair]
-        self.dist.check_same(bits, "the widths after a gate epoch", self.config.device)
+        self.dist.check_same(bits, "the widths after a gate epoch")
         return {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(after),
                 "min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
                 "crossings": crossings, "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled]}

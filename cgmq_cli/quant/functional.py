@@ -104,8 +104,9 @@ def mse_optimal_step(
     top = torch.where(top > 0, top, torch.ones_like(top))
     err = torch.full_like(top, float("inf"))
     alpha = torch.ones_like(top)
-    err, alpha = _best_alpha(rows, top, torch.linspace(1.0 / n_grid, 1.0, n_grid), qmin, qmax, err, alpha)
-    offsets = torch.linspace(-1.0 / n_grid, 1.0 / n_grid, n_grid)
+    grid = torch.linspace(1.0 / n_grid, 1.0, n_grid, device=x.device)
+    err, alpha = _best_alpha(rows, top, grid, qmin, qmax, err, alpha)
+    offsets = torch.linspace(-1.0 / n_grid, 1.0 / n_grid, n_grid, device=x.device)
     fine = (alpha[None, :] + offsets[:, None]).clamp(1.0 / n_grid**2, 1.0)
     err, alpha = _best_alpha(rows, top, fine, qmin, qmax, err, alpha)
     step = alpha * top / qmax
