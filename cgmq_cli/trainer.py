@@ -47,7 +47,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "epoch_start" | "progress" | "gate_end" | "epoch_end" | "bad_batch"
+    kind: str  # "epoch_start" | "progress" | "epoch_end" | "bad_batch" | "info"
     epoch: int
     data: dict = field(default_factory=dict)
 
