@@ -214,6 +214,7 @@ def plot(table: list[dict], path: Path, float_acc: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - formatters below
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in table}):
@@ -223,6 +224,8 @@ def plot(table: list[dict], path: Path, float_acc: float) -> None:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
     ax.axhline(float_acc, color="black", lw=0.8, ls="--", label="float")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("relative BOPs (%) — dotted lines: budgets")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
