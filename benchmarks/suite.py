@@ -260,8 +260,9 @@ def main() -> None:
     runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
+            seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
             for method in [m for m in methods if m in runners]:
-                result = runners[method](model, bundle, loaders, Budget(rel_bops=budget_pct), args.epochs, seed)
+                result = runners[method](model, bundle, seed_loaders, Budget(rel_bops=budget_pct), args.epochs, seed)
                 rows.append({"method": method, "budget": budget_pct, "seed": seed, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "tried")}), flush=True)
     if "ort-int8" in methods:
