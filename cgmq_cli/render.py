@@ -89,12 +89,17 @@ def profiles_table(rows: list[dict]) -> None:
                            r["input_bits"], r["cost"], r["description"]) for r in rows]))
 
 
+def live_allowed(console: Console) -> bool:
+    """Progress bars only on a terminal: stdout and the console a tty, and NO_COLOR not set."""
+    return console.is_terminal and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 class TrainProgress:
     """Training events -> a Rich progress bar on a terminal, plain log lines otherwise (CI)."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or stderr()
-        self.live = self.console.is_terminal
+        self.live = live_allowed(self.console)
         self.progress = None
         self.task = None
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cgmq_cli.cli import app
@@ -77,3 +78,23 @@ def test_check_json(tmp_path: Path) -> None:
     assert result.exit_code == 4
     payload = json.loads(result.stdout)
     assert payload["ok"] is False and payload["checks"][0]["name"] == "budget bops"
+
+
+def test_progress_bars_only_on_a_terminal_without_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from rich.console import Console
+
+    from cgmq_cli import render
+
+    tty = Console(file=io.StringIO(), force_terminal=True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert render.live_allowed(tty)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not render.live_allowed(tty)
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)  # e.g. --json > file
+    assert not render.live_allowed(tty)
+    assert not render.live_allowed(Console(file=io.StringIO(), force_terminal=False))
