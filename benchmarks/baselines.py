@@ -56,7 +56,7 @@ def sensitivity_bits(qm: QuantizedModel, budget: Budget, batches: list) -> dict[
                 t.quantizer.set_bits(b)
                 delta[(i, b)] = _loss_on(qm, batches) - base
         t.quantizer.set_bits(16)
-    costs = cgmq.CostModel(qm.shapes, budget, None, False)
+    costs = cgmq.CostModel(qm.shapes, budget, None)
     bits = qm.bits()
     while costs.violated(bits):
         best = None

@@ -45,10 +45,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
-def sample_shape_for(request: ModelRequest, source: checkpoint.ModelSource, data_shape: Sequence[int] | None = None) -> tuple[int, ...]:
-    """One example's shape: the data's, else --input-shape (minus batch), else what the file or name implies."""
-    if data_shape is not None:
-        return tuple(data_shape)
+def sample_shape_for(request: ModelRequest, source: checkpoint.ModelSource) -> tuple[int, ...]:
+    """One example's shape: --input-shape (minus batch), else what the file or name implies.
+
+    (compress takes the shape from its data set instead.)
+    """
     if request.input_shape is not None:
         return tuple(request.input_shape[1:])
     if source.sample_shape:

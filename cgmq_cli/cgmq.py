@@ -73,12 +73,11 @@ def _moved(bits: Bits, t: Tensor, width: int) -> Bits:
 class CostModel:
     """Exact costs of width assignments and the cost gradients w.r.t. the gates."""
 
-    def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None, table: bool) -> None:
+    def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None) -> None:
         self.shapes = shapes
         self.by_name = {s.name: s for s in shapes}
         self.budget = budget
         self.mac_cost = mac_cost
-        self.table = table
 
     def summary(self, bits: Bits) -> CostSummary:
         return summarize(self.shapes, bits, self.mac_cost)
@@ -89,6 +88,7 @@ class CostModel:
     def gradient(self, name: str, tensors: list[Tensor], bits: Bits) -> torch.Tensor:
         """dC/dg for one budget, relaxing b = 2^g (BOPs, bytes) or a table slope per log2 step."""
         out = []
+        here = self.summary(bits).cost if name == "cost" else 0.0
         for t in tensors:
             s = self.by_name[t.layer]
             bw, ba = bits[t.layer]
@@ -98,7 +98,6 @@ class CostModel:
                 out.append(LN2 * s.params * bw / 8 if t.side == 0 else 0.0)
             else:  # cost table: finite slope towards the neighbouring width
                 up, down = t.quantizer.neighbour(+1), t.quantizer.neighbour(-1)
-                here = self.summary(bits).cost
                 if up is not None:
                     out.append(self.summary(_moved(bits, t, up)).cost - here)
                 elif down is not None:
@@ -129,12 +128,16 @@ def gate_step(tensors: list[Tensor], costs: CostModel, bits: Bits, eta: float, r
     grads = torch.tensor(list(loss_grads), dtype=torch.float64)
     violated = costs.violated(bits)
     cost_grads = [costs.gradient(name, tensors, bits) for name in violated]
-    step = direction(grads, cost_grads, r)
+    _descend(tensors, direction(grads, cost_grads, r), eta)
+    return violated
+
+
+def _descend(tensors: list[Tensor], step: torch.Tensor, eta: float) -> None:
+    """g <- g - eta * step for every free gate, kept inside its allowed range."""
     with torch.no_grad():
         for t, s in zip(tensors, step.tolist()):
             t.quantizer.gate.sub_(eta * s)
             t.quantizer.clamp_gate()
-    return violated
 
 
 Probe = Mapping[GatedQuantizer, tuple[float, float]]  # quantizer -> (dL if doubled, dL if halved)
@@ -204,11 +207,7 @@ def constraint_repair(tensors: list[Tensor], costs: CostModel, bits_of: Callable
     """Plain CGGD finish: step along the cost directions only until every budget holds."""
     bits = bits_of()
     while violated := costs.violated(bits):
-        step = sum(unit(costs.gradient(name, tensors, bits)) for name in violated)
-        with torch.no_grad():
-            for t, s in zip(tensors, step.tolist()):
-                t.quantizer.gate.sub_(eta * s)
-                t.quantizer.clamp_gate()
+        _descend(tensors, sum(unit(costs.gradient(name, tensors, bits)) for name in violated), eta)
         new = bits_of()
         if new == bits and all(t.quantizer.neighbour(-1) is None for t in tensors):
             raise RuntimeError("constraint repair is stuck at the minimum widths")

@@ -210,7 +210,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
     float_acc = evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"]
     qm.gm.to(device)
     trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
-                      profile.mac_cost if profile.cost_table else None, profile.cost_table is not None, loss_fn, emit,
+                      profile.mac_cost if profile.cost_table else None, loss_fn, emit,
                       dist=ctx, amp=settings.amp)
     started = time.time()
     if resume:

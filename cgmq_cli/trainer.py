@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, device: str,
 
 class Trainer:
     def __init__(self, qm: QuantizedModel, train_loader: Any, val_loader: Any, budget: Budget,
-                 config: TrainConfig, mac_cost: MacCost | None = None, table: bool = False,
+                 config: TrainConfig, mac_cost: MacCost | None = None,
                  loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None,
                  dist: DistContext = DistContext(), amp: bool = False) -> None:
         self.qm, self.train_loader, self.val_loader = qm, train_loader, val_loader
@@ -106,7 +106,7 @@ class Trainer:
         self.config = config
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.on_event = on_event or (lambda e: None)
-        self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost, table)
+        self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost)
         self.tensors = cgmq.free_tensors(qm.quantizers())
         self.optimizer = torch.optim.Adam(qm.weight_params(), lr=config.lr)
         self.state = TrainState()

@@ -90,10 +90,6 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def is_graph_input(node: fx.Node) -> bool:
-    return node.op == "placeholder"
-
-
 def example_forward(gm: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """Run once in eval mode without gradients (shape checks, calibration)."""
     with torch.no_grad():

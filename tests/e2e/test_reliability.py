@@ -289,7 +289,7 @@ def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path)
         except InfeasibleBudgetError:
             return
         tensors = cgmq.free_tensors(qm.quantizers())
-        costs = cgmq.CostModel(qm.shapes, budget, None, False)
+        costs = cgmq.CostModel(qm.shapes, budget, None)
         qm.set_probing(True)
         for _ in range(5):
             nn.functional.cross_entropy(qm.gm(x), y).backward()

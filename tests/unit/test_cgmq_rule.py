@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,7 +41,7 @@ def test_unit_vector_and_direction() -> None:
 def test_costly_layer_loses_bits_first() -> None:
     qm = _prepared()
     tensors = cgmq.free_tensors(qm.quantizers())
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=5.0), None, False)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=5.0), None)
     for step in range(100):  # no loss signal: the cost term alone moves the gates
         for t in tensors:
             t.quantizer.gate.grad = torch.tensor(0.0)
@@ -58,7 +59,7 @@ def test_loss_term_raises_bits_when_budget_met() -> None:
     qm = _prepared()
     qm.set_bits({"big": (4, 8), "small": (4, 4)})
     tensors = cgmq.free_tensors(qm.quantizers())
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0), None, False)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0), None)
     for _ in range(30):
         for t in tensors:  # more bits lower the loss everywhere
             t.quantizer.gate.grad = torch.tensor(-1.0)
@@ -70,7 +71,7 @@ def test_repair_then_fill_ends_feasible_and_uses_budget() -> None:
     qm = _prepared()
     budget = Budget(rel_bops=3.0)
     tensors = cgmq.free_tensors(qm.quantizers())
-    costs = cgmq.CostModel(qm.shapes, budget, None, False)
+    costs = cgmq.CostModel(qm.shapes, budget, None)
     flat = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731 - every move equally useful
     bits, repaired = cgmq.repair(tensors, costs, qm.bits(), flat)
     assert repaired and not costs.violated(bits)
@@ -91,7 +92,7 @@ def test_repair_prefers_cheapest_predicted_loss() -> None:
     big_w = next(t for t in tensors if t.layer == "big" and t.side == 0)
     # halving big's weight is predicted to be free, every other move expensive
     probe = lambda: {t.quantizer: (0.0, 0.0 if t is big_w else 10.0) for t in tensors}  # noqa: E731
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=6.2), None, False)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=6.2), None)
     _, moves = cgmq.repair(tensors, costs, qm.bits(), probe)
     assert moves[0].layer == "big" and moves[0].side == 0 and moves[0].new == 4
 
@@ -99,7 +100,7 @@ def test_repair_prefers_cheapest_predicted_loss() -> None:
 def test_constraint_repair_reaches_budget() -> None:
     qm = _prepared()
     tensors = cgmq.free_tensors(qm.quantizers())
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None, False)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
     bits = cgmq.constraint_repair(tensors, costs, qm.bits, eta=0.05)
     assert not costs.violated(bits)
 
@@ -107,7 +108,22 @@ def test_constraint_repair_reaches_budget() -> None:
 def test_weight_bytes_gradient_ignores_activations() -> None:
     qm = _prepared()
     tensors = cgmq.free_tensors(qm.quantizers())
-    costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=1000), None, False)
+    costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=1000), None)
     grad = costs.gradient("weight_bytes", tensors, qm.bits())
     for t, g in zip(tensors, grad.tolist()):
         assert (g > 0) if t.side == 0 else (g == 0)
+
+
+def test_cost_table_gradient_is_the_slope_to_the_next_width() -> None:
+    qm = _prepared()
+    table = {(bw, ba): bw * ba / 64 + 1.0 for bw in (2, 4, 8, 16, 32) for ba in (2, 4, 8, 16, 32)}
+    mac_cost = lambda bw, ba: table[(bw, ba)]  # noqa: E731
+    qm.set_bits({"big": (8, 8), "small": (8, 8)})
+    tensors = cgmq.free_tensors(qm.quantizers())
+    costs = cgmq.CostModel(qm.shapes, Budget(cost=1.0), mac_cost)
+    bits = qm.bits()
+    grad = costs.gradient("cost", tensors, bits)
+    here = costs.summary(bits).cost
+    for t, g in zip(tensors, grad.tolist()):
+        up = cgmq._moved(bits, t, t.quantizer.neighbour(+1))
+        assert g == pytest.approx(costs.summary(up).cost - here) and g > 0
