@@ -24,12 +24,18 @@ from cgmq_cli.trainer import Trainer
 WIDTHS = (2, 4, 8, 16)
 
 
-def uniform_bits(qm: QuantizedModel, budget: Budget) -> dict[str, tuple[int, int]] | None:
+def uniform_widths(qm: QuantizedModel, bw: int, ba: int) -> dict[str, int]:
+    """Every weight at ``bw`` and every activation at ``ba`` (a tensor of one allowed width keeps it)."""
+    qs = qm.tensor_quantizers()
+    return {key: q.allowed[0] if len(q.allowed) == 1 else (bw if q.kind == "weight" else ba) for key, q in qs.items()}
+
+
+def uniform_bits(qm: QuantizedModel, budget: Budget) -> dict[str, int] | None:
     """The widest uniform (b_w, b_a) assignment within budget (network input stays at its fixed width)."""
     best = None
     for bw, ba in itertools.product(WIDTHS, WIDTHS):
-        bits = {name: (bw, ba if len(allowed[1]) > 1 else allowed[1][0]) for name, allowed in qm.allowed().items()}
-        qm.set_bits(bits)
+        bits = uniform_widths(qm, bw, ba)
+        qm.set_widths(bits)
         if budget.is_satisfied_by(qm.cost()):
             key = (bw * ba, -abs(bw - ba), bw)
             if best is None or key > best[0]:
@@ -42,13 +48,12 @@ def _loss_on(qm: QuantizedModel, batches: list) -> float:
         return sum(float(nn.functional.cross_entropy(qm.gm(x), y)) for x, y in batches) / len(batches)
 
 
-def sensitivity_bits(qm: QuantizedModel, budget: Budget, batches: list) -> dict[str, tuple[int, int]]:
+def sensitivity_bits(qm: QuantizedModel, budget: Budget, batches: list) -> dict[str, int]:
     """Greedy lowering from all-16-bit by (loss added) / (cost saved), per-tensor sensitivities measured once."""
     qm.gm.eval()
-    start = {name: (16, 16 if len(a) > 1 else a[0]) for name, (_, a) in qm.allowed().items()}
-    qm.set_bits(start)
+    qm.set_widths(uniform_widths(qm, 16, 16))
     base = _loss_on(qm, batches)
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     delta: dict[tuple[int, int], float] = {}
     for i, t in enumerate(tensors):
         for b in WIDTHS:
@@ -57,7 +62,7 @@ def sensitivity_bits(qm: QuantizedModel, budget: Budget, batches: list) -> dict[
                 delta[(i, b)] = _loss_on(qm, batches) - base
         t.quantizer.set_bits(16)
     costs = cgmq.CostModel(qm.shapes, budget, None)
-    bits = qm.bits()
+    bits = qm.widths()
     while costs.violated(bits):
         best = None
         for i, t in enumerate(tensors):
@@ -94,7 +99,7 @@ class PenaltyTrainer(Trainer):
             if loss is None:
                 continue
             loss.backward()
-            grad_cost = self.costs.gradient("bops", self.tensors, self.qm.bits()) / fp32
+            grad_cost = self.costs.gradient("bops", self.tensors, self.qm.widths()) / fp32
             for t, dc in zip(self.tensors, grad_cost.tolist()):
                 t.quantizer.gate.grad = t.quantizer.gate.grad + self.mu * dc
             self._gate_opt.step()

@@ -81,7 +81,7 @@ def run_uniform(model, bundle, loaders, budget, epochs, seed) -> dict:
     if bits is None:
         return {"rel_bops": None, "within_budget": False, "accuracy": None, "seconds": 0.0, "runs": 0,
                 "note": "no uniform width pair fits"}
-    qm.set_bits(bits)
+    qm.set_widths(bits)
     return {**train_and_score(qm, Trainer, loaders, budget, TrainConfig(epochs=epochs, rounds=0)), "runs": 1}
 
 
@@ -148,7 +148,7 @@ def run_ort_int8(model, bundle, loaders) -> dict:
 def method_cost(model, bundle, loaders) -> dict:
     """Time per training step, quantized vs float (same run), and ORT latency QDQ vs float."""
     qm = prepared(model, bundle)
-    qm.set_bits({k: (4, 4 if len(a) > 1 else a[0]) for k, (_, a) in qm.allowed().items()})
+    qm.set_widths(baselines.uniform_widths(qm, 4, 4))
     batches = [b for b, _ in zip(loaders[0], range(20))]
 
     def step_time(net: nn.Module) -> float:

@@ -71,6 +71,9 @@ def prepare(model: nn.Module, sample_shape: Sequence[int], leaves: Sequence[str]
         input_bits=profile.input_bits,
         signedness=profile.act_signedness,
         per_channel=profile.weight_granularity == "per-channel",
+        integer_ops=profile.integer_ops,
+        reduce_range=profile.reduce_range,
+        integer_width=profile.integer_width or 8,
     )
 
 

@@ -27,26 +27,25 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from cgmq_cli import metrics
 from cgmq_cli.cost import Budget, CostSummary, LayerShape, MacCost, summarize
 from cgmq_cli.quant.modules import GatedQuantizer
 
-LN2 = math.log(2.0)
-
-Bits = dict[str, tuple[int, int]]
+Widths = dict[str, int]  # quantizer key -> width
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """One free gate: which layer, which side (0 weight, 1 activation) and its quantizer."""
+    """One free gate: the quantizer's key, the quantizer, and what it quantizes (for messages)."""
 
-    layer: str
-    side: int
+    key: str
     quantizer: GatedQuantizer
+    label: str = ""
 
 
-def free_tensors(quantizers: Mapping[str, tuple[GatedQuantizer, GatedQuantizer]]) -> list[Tensor]:
-    """Every quantizer with more than one allowed width, in layer order (weight, then input)."""
-    return [Tensor(name, side, q) for name, pair in quantizers.items() for side, q in enumerate(pair) if len(q.allowed) > 1]
+def free_tensors(qm) -> list[Tensor]:
+    """Every quantizer of a prepared model with more than one allowed width, in insertion order."""
+    return [Tensor(key, q, qm.tensors[key].label) for key, q in qm.tensor_quantizers().items() if len(q.allowed) > 1]
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -62,62 +61,51 @@ def direction(loss_grad: torch.Tensor, cost_grads: list[torch.Tensor], r: float)
     return step
 
 
-def _moved(bits: Bits, t: Tensor, width: int) -> Bits:
-    out = dict(bits)
-    pair = list(out[t.layer])
-    pair[t.side] = width
-    out[t.layer] = (pair[0], pair[1])
-    return out
+def _moved(widths: Widths, t: Tensor, width: int) -> Widths:
+    return {**widths, t.key: width}
 
 
 class CostModel:
-    """Exact costs of width assignments and the cost gradients w.r.t. the gates."""
+    """Exact costs of width assignments and the cost gradients w.r.t. the gates (from :mod:`cgmq_cli.metrics`)."""
 
     def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None) -> None:
         self.shapes = shapes
-        self.by_name = {s.name: s for s in shapes}
         self.budget = budget
         self.mac_cost = mac_cost
+        self.ctx = metrics.Context(macs=sum(s.macs for s in shapes), mac_cost=mac_cost)
+        self.uses: dict[str, list[tuple[LayerShape, int]]] = {}
+        for s in shapes:
+            for side, key in enumerate((s.weight_key, s.act_key)):
+                if key is not None:
+                    self.uses.setdefault(key, []).append((s, side))
 
-    def summary(self, bits: Bits) -> CostSummary:
-        return summarize(self.shapes, bits, self.mac_cost)
+    def summary(self, widths: Widths) -> CostSummary:
+        return summarize(self.shapes, widths, self.mac_cost)
 
-    def violated(self, bits: Bits) -> dict[str, float]:
-        return self.budget.violations(self.summary(bits))
+    def violated(self, widths: Widths) -> dict[str, float]:
+        return self.budget.violations(self.summary(widths))
 
-    def gradient(self, name: str, tensors: list[Tensor], bits: Bits) -> torch.Tensor:
-        """dC/dg for one budget, relaxing b = 2^g (BOPs, bytes) or a table slope per log2 step."""
+    def gradient(self, name: str, tensors: list[Tensor], widths: Widths) -> torch.Tensor:
+        """dC/dg of one budget's metric for every tensor: summed over the layer calls its width enters."""
+        metric = metrics.METRICS[name]
         out = []
-        here = self.summary(bits).cost if name == "cost" else 0.0
         for t in tensors:
-            s = self.by_name[t.layer]
-            bw, ba = bits[t.layer]
-            if name in ("bops", "rel_bops"):
-                out.append(LN2 * s.macs * bw * ba)
-            elif name == "weight_bytes":
-                out.append(LN2 * s.params * bw / 8 if t.side == 0 else 0.0)
-            else:  # cost table: finite slope towards the neighbouring width
-                up, down = t.quantizer.neighbour(+1), t.quantizer.neighbour(-1)
-                if up is not None:
-                    out.append(self.summary(_moved(bits, t, up)).cost - here)
-                elif down is not None:
-                    out.append(here - self.summary(_moved(bits, t, down)).cost)
-                else:
-                    out.append(0.0)
+            up, down = t.quantizer.neighbour(+1), t.quantizer.neighbour(-1)
+            out.append(sum(metric.gradient(s.row(widths), side, self.ctx, up, down) for s, side in self.uses.get(t.key, ())))
         return torch.tensor(out, dtype=torch.float64)
 
-    def load(self, bits: Bits) -> float:
+    def load(self, widths: Widths) -> float:
         """The largest budget use as a fraction of its limit (> 1 means violated)."""
-        values = self.summary(bits).as_dict()
+        values = self.summary(widths).as_dict()
         return max((values[n] / lim for n, lim in self.budget.limits().items()), default=0.0)
 
-    def share(self, before: Bits, after: Bits) -> float:
+    def share(self, before: Widths, after: Widths) -> float:
         """Cost change between two assignments, summed over budgets as fractions of each limit."""
         a, b = self.summary(before).as_dict(), self.summary(after).as_dict()
         return sum(abs(b[n] - a[n]) / lim for n, lim in self.budget.limits().items())
 
 
-def gate_step(tensors: list[Tensor], costs: CostModel, bits: Bits, eta: float, r: float,
+def gate_step(tensors: list[Tensor], costs: CostModel, bits: Widths, eta: float, r: float,
               loss_grads: Sequence[float] | None = None) -> dict[str, float]:
     """Apply one step of the rule to the gates; returns the violated budgets it acted on.
 
@@ -145,14 +133,14 @@ Probe = Mapping[GatedQuantizer, tuple[float, float]]  # quantizer -> (dL if doub
 
 @dataclass(frozen=True)
 class Move:
-    layer: str
-    side: int
+    tensor: str  # quantizer key
+    label: str  # what it quantizes
     old: int
     new: int
     predicted_dloss: float
 
 
-def repair(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[[], Probe]) -> tuple[Bits, list[Move]]:
+def repair(tensors: list[Tensor], costs: CostModel, bits: Widths, probe: Callable[[], Probe]) -> tuple[Widths, list[Move]]:
     """Halve widths until every budget holds, cheapest predicted loss per cost saved first."""
     moves: list[Move] = []
     while costs.violated(bits):
@@ -172,13 +160,13 @@ def repair(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[
         if best is None:  # every tensor at its minimum: feasible by the pre-check, so unreachable
             raise RuntimeError("repair found no width to lower although a budget is violated")
         _, t, down, after = best
-        moves.append(Move(t.layer, t.side, t.quantizer.bits, down, estimates[t.quantizer][1]))
+        moves.append(Move(t.key, t.label, t.quantizer.bits, down, estimates[t.quantizer][1]))
         t.quantizer.set_bits(down)
         bits = after
     return bits, moves
 
 
-def fill(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[[], Probe]) -> tuple[Bits, list[Move]]:
+def fill(tensors: list[Tensor], costs: CostModel, bits: Widths, probe: Callable[[], Probe]) -> tuple[Widths, list[Move]]:
     """Double widths while every budget still holds, largest predicted loss decrease per cost first."""
     moves: list[Move] = []
     while True:
@@ -198,12 +186,12 @@ def fill(tensors: list[Tensor], costs: CostModel, bits: Bits, probe: Callable[[]
         if best is None:
             return bits, moves
         _, t, up, after = best
-        moves.append(Move(t.layer, t.side, t.quantizer.bits, up, estimates[t.quantizer][0]))
+        moves.append(Move(t.key, t.label, t.quantizer.bits, up, estimates[t.quantizer][0]))
         t.quantizer.set_bits(up)
         bits = after
 
 
-def constraint_repair(tensors: list[Tensor], costs: CostModel, bits_of: Callable[[], Bits], eta: float) -> Bits:
+def constraint_repair(tensors: list[Tensor], costs: CostModel, bits_of: Callable[[], Widths], eta: float) -> Widths:
     """Plain CGGD finish: step along the cost directions only until every budget holds."""
     bits = bits_of()
     while violated := costs.violated(bits):

@@ -58,7 +58,7 @@ class CompressSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "CompressSettings":
         d = dict(d)
-        d["budget"] = cost.Budget(**{k: v for k, v in d["budget"].items() if k in ("bops", "rel_bops", "weight_bytes", "cost")})
+        d["budget"] = cost.Budget.from_dict(d["budget"])
         d["train"] = TrainConfig(**d["train"])
         for key in ("leaves", "input_shape", "weight_bits", "act_bits"):
             if d.get(key) is not None:
@@ -272,7 +272,7 @@ def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
 
 def save_model(path: Path, qm: QuantizedModel) -> None:
     """The compressed model: full state (folded weights, steps, gates) and the integer widths."""
-    rundir.save_torch(path, {"format": MODEL_FORMAT, "state_dict": qm.gm.state_dict(),
+    rundir.save_torch(path, {"format": MODEL_FORMAT, "state_dict": qm.gm.state_dict(), "widths": qm.widths(),
                              "bits": {k: list(v) for k, v in qm.bits().items()}})
 
 
@@ -316,5 +316,5 @@ def load_run(run_dir: Path) -> LoadedRun:
         model, _ = checkpoint.load_model(str(path), None, source["trusted"])
     qm = api.prepare(model, tuple(config["sample_shape"]), settings.leaves, profile)
     qm.gm.load_state_dict(saved["state_dict"])
-    qm.set_bits({k: tuple(v) for k, v in saved["bits"].items()})
+    qm.set_widths(dict(saved["widths"]))
     return LoadedRun(run_dir, settings, qm, profile, report)

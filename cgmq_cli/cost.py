@@ -1,4 +1,8 @@
-"""Cost model: MACs by shape propagation; BOPs, relative BOPs, weight bytes.
+"""Cost model: the exact cost of one assignment of widths to quantizers.
+
+A layer call reads two quantizers, its weight's (``weight_key``) and its
+input's (``act_key``; tensors read by several layers share one), so a width
+maps to cost through every call that reads it::
 
     MAC_l   = output elements per example x (Cin / groups) x kernel size      (conv)
             = output elements per example x in_features                       (linear)
@@ -6,35 +10,43 @@
     rel     = 100 * BOPs / sum_l (MAC_l * 32 * 32)        (percent)
     bytes   = sum_l params_l * b_w,l / 8  +  4 * bias_params_l   (float biases)
 
-With a cost table (a hardware profile's cycles or energy per MAC at each
-(b_w, b_a)), ``cost = sum_l MAC_l * table[b_w, b_a]``; without one the cost is
-the BOPs. Cost knows nothing of training: it maps widths to numbers.
+The formulas of every metric (and their gradients) live in
+:mod:`cgmq_cli.metrics`; this module evaluates them. With a cost table (a
+hardware profile's cycles or energy per MAC at each (b_w, b_a)),
+``cost = sum_l MAC_l * table[b_w, b_a]``; without one the cost is the BOPs.
+Cost knows nothing of training: it maps widths to numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
-
-import torch
-from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 from cgmq_cli.budget import Budget  # noqa: F401 - re-exported: budgets are compared with CostSummary
+from cgmq_cli.metrics import FLOAT_BITS, KEYS, METRICS, Context, MacCost, Row
 
-FLOAT_BITS = 32
-BIAS_BYTES = 4
+Widths = Mapping[str, int]  # quantizer key -> width
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the cost model needs to know of one quantized layer."""
+    """What the cost model needs to know of one quantized layer call."""
 
     name: str
     op: str
     macs: int
     params: int
     bias_params: int = 0
+    weight_key: str | None = None  # quantizer of the weight (or the right operand); None: float
+    act_key: str | None = None  # quantizer of the input (or the left operand); None: float
+
+    def bits(self, widths: Widths) -> tuple[int, int]:
+        return (widths[self.weight_key] if self.weight_key else FLOAT_BITS,
+                widths[self.act_key] if self.act_key else FLOAT_BITS)
+
+    def row(self, widths: Widths) -> Row:
+        bw, ba = self.bits(widths)
+        return Row(self.macs, self.params, self.bias_params, bw, ba)
 
 
 @dataclass(frozen=True)
@@ -55,82 +67,48 @@ class CostSummary:
     layers: tuple[LayerCost, ...]
     macs: int
     params: int
-    bops: int
     bops_fp32: int
-    rel_bops: float  # percent of 32x32 BOPs
-    weight_bytes: float
-    cost: float  # == bops without a cost table
+    values: dict = field(default_factory=dict)  # metric key -> total
+
+    def __getattr__(self, key: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
 
     def as_dict(self) -> dict:
-        return {"bops": self.bops, "rel_bops": self.rel_bops, "weight_bytes": self.weight_bytes,
-                "cost": self.cost, "macs": self.macs, "bops_fp32": self.bops_fp32}
+        return {**{k: self.values[k] for k in KEYS}, "macs": self.macs, "bops_fp32": self.bops_fp32}
 
 
-MacCost = Callable[[int, int], float]
+def context(layers: Sequence[LayerShape], mac_cost: MacCost | None = None) -> Context:
+    return Context(macs=sum(layer.macs for layer in layers), mac_cost=mac_cost)
 
 
-def bops_per_mac(bits_w: int, bits_a: int) -> float:
-    return float(bits_w * bits_a)
-
-
-def layer_macs(gm: fx.GraphModule, calls: Mapping[str, Sequence[str]], example: torch.Tensor) -> dict[str, int]:
-    """MACs per example of each layer, summed over its call sites (shape propagation).
-
-    ``calls`` maps a layer name to the fx node names of its conv/linear calls;
-    the node's second argument is the (quantized) weight. ``example`` has batch 1.
-    """
-    ShapeProp(gm).propagate(example)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    out: dict[str, int] = {}
-    for name, node_names in calls.items():
-        total = 0
-        for node_name in node_names:
-            node = nodes[node_name]
-            out_shape = node.meta["tensor_meta"].shape
-            weight_shape = node.args[1].meta["tensor_meta"].shape
-            per_output = int(torch.Size(weight_shape[1:]).numel())
-            total += int(torch.Size(out_shape[1:]).numel()) * per_output if len(out_shape) > 1 else per_output * int(out_shape[0])
-        out[name] = total
-    return out
-
-
-def summarize(
-    layers: Sequence[LayerShape],
-    bits: Mapping[str, tuple[int, int]],
-    mac_cost: MacCost | None = None,
-) -> CostSummary:
-    """Exact cost of one assignment of (weight, activation) widths to layers."""
-    mac_cost = mac_cost or bops_per_mac
-    rows = []
-    for layer in layers:
-        bw, ba = bits[layer.name]
-        rows.append(LayerCost(
-            name=layer.name, op=layer.op, macs=layer.macs, params=layer.params, bits_w=bw, bits_a=ba,
-            bops=layer.macs * bw * ba, cost=layer.macs * mac_cost(bw, ba),
-            weight_bytes=layer.params * bw / 8 + BIAS_BYTES * layer.bias_params,
-        ))
-    macs = sum(r.macs for r in rows)
-    bops = sum(r.bops for r in rows)
-    fp32 = macs * FLOAT_BITS * FLOAT_BITS
-    return CostSummary(
-        layers=tuple(rows), macs=macs, params=sum(r.params for r in rows), bops=bops, bops_fp32=fp32,
-        rel_bops=100.0 * bops / fp32 if fp32 else 0.0,
-        weight_bytes=sum(r.weight_bytes for r in rows), cost=sum(r.cost for r in rows),
-    )
+def summarize(layers: Sequence[LayerShape], widths: Widths, mac_cost: MacCost | None = None) -> CostSummary:
+    """Exact cost of one assignment of widths to quantizers."""
+    ctx = context(layers, mac_cost)
+    rows = [layer.row(widths) for layer in layers]
+    per_layer = [LayerCost(
+        name=layer.name, op=layer.op, macs=layer.macs, params=layer.params, bits_w=r.bits_w, bits_a=r.bits_a,
+        bops=int(METRICS["bops"].layer(r, ctx)), cost=METRICS["cost"].layer(r, ctx),
+        weight_bytes=METRICS["weight_bytes"].layer(r, ctx)) for layer, r in zip(layers, rows)]
+    values = {key: metric.total(rows, ctx) for key, metric in METRICS.items()}
+    values["bops"] = int(values["bops"])
+    return CostSummary(layers=tuple(per_layer), macs=ctx.macs + ctx.float_macs,
+                       params=sum(layer.params for layer in layers), bops_fp32=ctx.bops_fp32, values=values)
 
 
 def extreme_cost(
     layers: Sequence[LayerShape],
-    allowed: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+    allowed: Mapping[str, Sequence[int]],
     mac_cost: MacCost | None = None,
     lowest: bool = True,
 ) -> CostSummary:
-    """Cost with every tensor at its narrowest (``lowest``) or widest allowed width.
+    """Cost with every quantizer at its narrowest (``lowest``) or widest allowed width.
 
     The narrowest point is the minimum of BOPs and bytes (both grow with every
     width), and of a cost table that does not reward wider widths (profiles
     validate that), so it decides feasibility.
     """
     pick = min if lowest else max
-    bits = {layer.name: (pick(allowed[layer.name][0]), pick(allowed[layer.name][1])) for layer in layers}
-    return summarize(layers, bits, mac_cost)
+    return summarize(layers, {key: pick(widths) for key, widths in allowed.items()}, mac_cost)

@@ -27,19 +27,20 @@ import yaml
 
 from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
 from cgmq_cli.errors import ProfileError
+from cgmq_cli.opnames import INTEGER_OPS, PROFILE_ALIASES, PROFILE_KINDS
 
 Budgets = Budget  # a profile's default budgets
 
 SCHEMA_VERSION = 1
 VALID_BITS = (2, 4, 8, 16, 32)  # 32 = not quantized (float)
-OP_KINDS = ("conv", "depthwise", "conv1d", "linear")
-OP_ALIASES = {"conv2d": "conv"}  # graph.passes names plain 2-D convolutions "conv2d"
+OP_KINDS = PROFILE_KINDS
+OP_ALIASES = PROFILE_ALIASES
 GRANULARITIES = ("per-channel", "per-tensor")
-SIGNEDNESS = ("auto", "unsigned", "signed")
+SIGNEDNESS = ("auto", "unsigned", "signed", "asymmetric")
 DEFAULT_PRESET = "generic"
 WEIGHT_FLAG, ACT_FLAG = "--weight-bits", "--act-bits"
 TOP_KEYS = ("schema_version", "name", "description", "weight_bits", "act_bits", "weight_granularity",
-            "act_signedness", "input_bits", "per_op", "overrides", "cost", "budgets")
+            "act_signedness", "input_bits", "integer_ops", "reduce_range", "per_op", "overrides", "cost", "budgets")
 PAIR_KEYS = ("weight_bits", "act_bits")
 _ALLOWED_BITS = "allowed widths are 2, 4, 8, 16, 32 (32 = float)"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -163,6 +164,8 @@ class HardwareProfile:
     input_bits: int = 8
     weight_granularity: str = "per-channel"
     act_signedness: str = "auto"
+    integer_ops: tuple[str, ...] = ()  # what the target runs as integer kernels (see INTEGER_OPS)
+    reduce_range: bool = False  # 8-bit weights use the codes [-64, 63] (x86 without VNNI)
     cost_table: Mapping[tuple[int, int], float] | None = None
     cost_unit: str = "BOPs"
     default_budgets: Budgets = field(default_factory=Budgets)
@@ -180,10 +183,31 @@ class HardwareProfile:
             raise _FieldError(src, "input_bits", self.input_bits, _ALLOWED_BITS)
         _choice(self.weight_granularity, GRANULARITIES, src, "weight_granularity")
         _choice(self.act_signedness, SIGNEDNESS, src, "act_signedness")
+        self._check_integer(src)
         self._check_parts(src)
         if self.cost_table is not None:
             object.__setattr__(self, "cost_table", MappingProxyType(_check_table(self.cost_table, src)))
             _check_coverage(self.cost_table, self._reachable_pairs(), src)
+
+    def _check_integer(self, src: str) -> None:
+        if not isinstance(self.integer_ops, (list, tuple)):
+            raise _FieldError(src, "integer_ops", self.integer_ops, f"must be a list of {', '.join(INTEGER_OPS)}")
+        for i, name in enumerate(self.integer_ops):
+            _choice(name, INTEGER_OPS, src, f"integer_ops[{i}]")
+        if len(set(self.integer_ops)) != len(self.integer_ops):
+            raise _FieldError(src, "integer_ops", list(self.integer_ops), "lists an op twice")
+        object.__setattr__(self, "integer_ops", tuple(self.integer_ops))
+        if not isinstance(self.reduce_range, bool):
+            raise _FieldError(src, "reduce_range", self.reduce_range, "must be true or false")
+        if self.integer_ops and self.integer_width is None:
+            raise _FieldError(src, "integer_ops", list(self.integer_ops),
+                              "integer kernels need an activation width below 32 in act_bits")
+
+    @property
+    def integer_width(self) -> int | None:
+        """The width of integer kernels' operands: the widest activation width below 32."""
+        below = [b for b in self.act_bits if b < 32]
+        return max(below) if below else None
 
     def _check_parts(self, src: str) -> None:
         """Type-check the nested parts (each validated itself) and freeze their containers."""
@@ -490,6 +514,7 @@ def dump_profile(profile: HardwareProfile) -> dict[str, Any]:
         "weight_bits": list(profile.weight_bits), "act_bits": list(profile.act_bits),
         "weight_granularity": profile.weight_granularity, "act_signedness": profile.act_signedness,
         "input_bits": profile.input_bits,
+        "integer_ops": list(profile.integer_ops), "reduce_range": profile.reduce_range,
         "per_op": {k: pair(v) for k, v in profile.per_op.items()},
         "overrides": [{"match": o.match, **pair(o)} for o in profile.overrides],
         "cost": cost,

@@ -1,6 +1,6 @@
-"""The prepared model: a traced GraphModule with gated quantizers, plus its layer table.
+"""The prepared model: a traced GraphModule with gated quantizers, plus its layer and quantizer tables.
 
-    prepare(model) = trace -> fold BatchNorm -> insert quantizers -> MACs by shape propagation
+    prepare(model) = trace -> fold BatchNorm -> functional calls -> shapes -> insert quantizers
 
 The same recipe rebuilds a saved run: trace the architecture again, prepare it
 with the same settings, then load the saved state (folded weights, steps,
@@ -16,10 +16,12 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from cgmq_cli import cost
 from cgmq_cli.errors import UsageError
 from cgmq_cli.graph import passes, trace
+from cgmq_cli.ops.base import attr_tensor
 from cgmq_cli.quant.modules import GatedQuantizer
 
 WidthsFn = passes.WidthsFn
@@ -36,32 +38,60 @@ class QuantizedModel:
     layers: list[passes.LayerInfo]
     shapes: list[cost.LayerShape]
     sample_shape: tuple[int, ...]
+    tensors: dict[str, passes.QuantizerInfo]
+    integer_ops: frozenset[str] = frozenset()
+
+    # -- quantizers --------------------------------------------------------------
+    def tensor_quantizers(self) -> dict[str, GatedQuantizer]:
+        """Quantizer key -> quantizer (every weight and activation tensor)."""
+        return passes.quantizers(self.gm)
 
     def quantizers(self) -> dict[str, tuple[GatedQuantizer, GatedQuantizer]]:
-        """Layer name -> (weight quantizer, activation quantizer)."""
-        pairs = passes.quantizers(self.gm)
-        return {layer.name: pairs[layer.key] for layer in self.layers}
+        """Layer call -> (weight quantizer, input quantizer); tensors read by several layers share one."""
+        qs = self.tensor_quantizers()
+        return {layer.name: (qs[layer.weight_key], qs[layer.act_keys[0]]) for layer in self.layers}
 
     def all_quantizers(self) -> list[GatedQuantizer]:
-        return [q for pair in self.quantizers().values() for q in pair]
+        return list(self.tensor_quantizers().values())
+
+    # -- widths ------------------------------------------------------------------
+    def widths(self) -> dict[str, int]:
+        """Quantizer key -> its current width."""
+        return {key: q.bits for key, q in self.tensor_quantizers().items()}
+
+    def set_widths(self, widths: dict[str, int]) -> None:
+        qs = self.tensor_quantizers()
+        for key, bits in widths.items():
+            qs[key].set_bits(bits)
+
+    def allowed(self) -> dict[str, tuple[int, ...]]:
+        return {key: q.allowed for key, q in self.tensor_quantizers().items()}
 
     def bits(self) -> dict[str, tuple[int, int]]:
-        return {name: (w.bits, a.bits) for name, (w, a) in self.quantizers().items()}
+        """Layer call -> (weight bits, input bits)."""
+        widths = self.widths()
+        return {s.name: s.bits(widths) for s in self.shapes}
 
     def set_bits(self, bits: dict[str, tuple[int, int]]) -> None:
-        for name, (w, a) in self.quantizers().items():
-            w.set_bits(bits[name][0])
-            a.set_bits(bits[name][1])
-
-    def allowed(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-        return {name: (w.allowed, a.allowed) for name, (w, a) in self.quantizers().items()}
+        """Set widths per layer call; a tensor that several layers read must get one width from all of them."""
+        wanted: dict[str, int] = {}
+        for s in self.shapes:
+            if s.name not in bits:
+                continue
+            for key, value in zip((s.weight_key, s.act_key), bits[s.name]):
+                if key is None:
+                    continue
+                if wanted.setdefault(key, value) != value:
+                    raise ValueError(f"{self.tensors[key].label}: layers ask for {wanted[key]} and {value} bits")
+        self.set_widths(wanted)
 
     def cost(self, mac_cost: cost.MacCost | None = None) -> cost.CostSummary:
         """Exact cost of the current integer widths."""
-        return cost.summarize(self.shapes, self.bits(), mac_cost)
+        return cost.summarize(self.shapes, self.widths(), mac_cost)
 
+    # -- training modes ----------------------------------------------------------
     def weight_params(self) -> list[nn.Parameter]:
-        """Everything a weight epoch trains: the model's parameters and the steps, not the gates."""
+        """Everything a weight epoch trains: the model's parameters, steps and zero points, not the gates."""
         gates = {id(q.gate) for q in self.all_quantizers()} | {id(q.down_probe) for q in self.all_quantizers()}
         return [p for p in self.gm.parameters() if id(p) not in gates]
 
@@ -74,19 +104,21 @@ class QuantizedModel:
             q.gate.requires_grad_(on)
             q.down_probe.requires_grad_(on)
 
-    def layer_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The input activation of every layer for ``batch`` (calibration)."""
+    # -- calibration -------------------------------------------------------------
+    def act_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The float tensor every activation quantizer sees for ``batch`` (flattened; calibration)."""
         seen: dict[str, list[torch.Tensor]] = {}
         hooks = []
-        for name, (_, act) in self.quantizers().items():
-            hooks.append(act.register_forward_pre_hook(
-                lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].detach())))
+        for key, q in self.tensor_quantizers().items():
+            if q.kind == "act":
+                hooks.append(q.register_forward_pre_hook(
+                    lambda _m, args, key=key: seen.setdefault(key, []).append(args[0].detach())))
         try:
             trace.example_forward(self.gm, batch)
         finally:
             for h in hooks:
                 h.remove()
-        return {name: torch.cat([t.reshape(-1) for t in ts]) for name, ts in seen.items()}
+        return {key: torch.cat([t.reshape(-1) for t in ts]) for key, ts in seen.items()}
 
     @torch.no_grad()
     def calibrate(self, batch: torch.Tensor) -> None:
@@ -98,19 +130,16 @@ class QuantizedModel:
         # input's, would quantize with the not yet calibrated steps.)
         bypass = [q.register_forward_hook(lambda _m, args, _out: args[0]) for q in self.all_quantizers()]
         try:
-            inputs = self.layer_inputs(batch)
+            inputs = self.act_inputs(batch)
         finally:
             for hook in bypass:
                 hook.remove()
-        weights = {layer.name: self.gm.get_parameter(self._weight_target(layer)) for layer in self.layers}
-        for name, (wq, aq) in self.quantizers().items():
-            wq.calibrate(weights[name])
-            aq.calibrate(inputs[name])
+        for key, q in self.tensor_quantizers().items():
+            if q.kind == "weight":
+                q.calibrate(attr_tensor(self.gm, self.tensors[key].tensor))
+            elif key in inputs:
+                q.calibrate(inputs[key])
         self.gm.train(was_training)
-
-    def _weight_target(self, layer: passes.LayerInfo) -> str:
-        node = next(n for n in self.gm.graph.nodes if n.name == layer.calls[0])
-        return node.args[1].args[0].target
 
 
 def prepare(
@@ -121,19 +150,32 @@ def prepare(
     input_bits: int = 8,
     signedness: str = "auto",
     per_channel: bool = True,
+    integer_ops: Iterable[str] = (),
+    reduce_range: bool = False,
+    integer_width: int = 8,
 ) -> QuantizedModel:
     """Trace, fold BN, insert quantizers and measure MACs for one example of ``sample_shape``."""
     gm = trace.trace(model.eval(), leaves)
     gm = passes.fold_batchnorm(gm)
-    gm, layers = passes.insert_quantizers(gm, widths_for, input_bits, signedness, per_channel)
+    gm = passes.functionalize(gm)
     example = torch.zeros((1, *sample_shape))
+    _run_checked(lambda: ShapeProp(gm).propagate(example), example)
+    spec = passes.QuantSpec(widths_for=widths_for, input_bits=input_bits, signedness=signedness,
+                            per_channel=per_channel, integer_ops=frozenset(integer_ops), reduce_range=reduce_range,
+                            integer_width=integer_width)
+    layers, tensors = passes.insert_quantizers(gm, spec)
+    _run_checked(lambda: trace.example_forward(gm, example), example)
+    shapes = [cost.LayerShape(layer.name, layer.op, layer.macs, layer.params, layer.bias_params,
+                              layer.weight_key, layer.act_keys[0]) for layer in layers]
+    return QuantizedModel(gm=gm, layers=layers, shapes=shapes, sample_shape=tuple(sample_shape), tensors=tensors,
+                          integer_ops=spec.integer_ops)
+
+
+def _run_checked(fn, example: torch.Tensor) -> None:
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # fx prints its own traceback on errors
-            trace.example_forward(gm, example)
+            fn()
     except Exception as exc:  # any shape error inside the user's forward
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UsageError(f"the model does not accept inputs of shape {tuple(example.shape)}: {first}",
                          "check --input-shape (batch first) or the data set") from None
-    macs = cost.layer_macs(gm, {layer.name: layer.calls for layer in layers}, example)
-    shapes = [cost.LayerShape(layer.name, layer.op, macs[layer.name], layer.params, layer.bias_params) for layer in layers]
-    return QuantizedModel(gm=gm, layers=layers, shapes=shapes, sample_shape=tuple(sample_shape))

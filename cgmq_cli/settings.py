@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from cgmq_cli import api
-from cgmq_cli.budget import Budget
+from cgmq_cli.budget import BUDGET_KEYS, Budget
 from cgmq_cli.compress import CompressSettings
 from cgmq_cli.errors import UsageError
 from cgmq_cli.profiles import load_profile
@@ -29,7 +29,6 @@ from cgmq_cli.trainer import TrainConfig
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
-BUDGET_KEYS = ("bops", "rel_bops", "weight_bytes", "cost")
 
 
 def _check_keys(found: Mapping[str, Any], known: tuple[str, ...], where: str, prefix: str = "") -> None:
@@ -135,7 +134,7 @@ def resolve_compress(flags: dict, budget_flags: dict) -> "CompressSettings":
         raise UsageError("no training data given", "pass --data SPEC (e.g. --data digits or --data fashion-mnist:DIR), "
                          "or set `data` in cgmq.yaml / [tool.cgmq]")
     profile = load_profile(values.get("profile"))
-    budgets = {k: profile.default_budgets.__dict__.get(k) for k in BUDGET_KEYS}
+    budgets = profile.default_budgets.as_dict()
     budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
     budgets.update({k: v for k, v in budget_flags.items() if v is not None})
     budget = Budget(**{k: parse_number(v, f"budget {k}") for k, v in budgets.items()})

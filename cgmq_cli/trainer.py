@@ -107,7 +107,7 @@ class Trainer:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.on_event = on_event or (lambda e: None)
         self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost)
-        self.tensors = cgmq.free_tensors(qm.quantizers())
+        self.tensors = cgmq.free_tensors(qm)
         self.optimizer = torch.optim.Adam(qm.weight_params(), lr=config.lr)
         self.state = TrainState()
         self._batches = _cycle(train_loader)
@@ -177,24 +177,23 @@ class Trainer:
                 continue
             loss.backward()
             grads = self._gate_grads()  # averaged over ranks: every rank takes the same step
-            cgmq.gate_step(self.tensors, self.costs, self.qm.bits(), cfg.eta, cfg.r, grads[:, 0].tolist())
-            load = self.costs.load(self.qm.bits())
+            cgmq.gate_step(self.tensors, self.costs, self.qm.widths(), cfg.eta, cfg.r, grads[:, 0].tolist())
+            load = self.costs.load(self.qm.widths())
             over = load > 1.0
             crossings += int(was_over is not None and over != was_over)
             was_over = over
             loads.append(load)
             if i % max(steps // 10, 1) == 0 or i == steps - 1:
                 self._emit("progress", epoch, phase="gate", step=i + 1, steps=steps, loss=loss.item(),
-                           load=load, rel_bops=self.costs.summary(self.qm.bits()).rel_bops)
+                           load=load, rel_bops=self.costs.summary(self.qm.widths()).rel_bops)
         self.qm.set_probing(False)
-        before = self.qm.bits()
+        before = self.qm.widths()
         if cfg.finish == "constraint":
-            after, repaired, filled = cgmq.constraint_repair(self.tensors, self.costs, self.qm.bits, cfg.eta), [], []
+            after, repaired, filled = cgmq.constraint_repair(self.tensors, self.costs, self.qm.widths, cfg.eta), [], []
         else:
             after, repaired = cgmq.repair(self.tensors, self.costs, before, self.probe)
             after, filled = cgmq.fill(self.tensors, self.costs, after, self.probe)
-        bits = [b for pair in self.qm.bits().values() for b in pair]
-        self.dist.check_same(bits, "the widths after a gate epoch")
+        self.dist.check_same(list(self.qm.widths().values()), "the widths after a gate epoch")
         return {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(after),
                 "min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
                 "crossings": crossings, "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled]}
@@ -229,7 +228,7 @@ class Trainer:
             self._emit("epoch_start", epoch, epoch_kind=kind, epochs=len(schedule))
             info = self.gate_epoch(epoch) if kind == "gate" else self.weight_epoch(epoch)
             metrics = evaluate(self.qm.gm, self.val_loader, self.loss_fn, self.config.device, self.dist)
-            summary = self.costs.summary(self.qm.bits())
+            summary = self.costs.summary(self.qm.widths())
             record = {"epoch": epoch + 1, "epoch_kind": kind, **info, **metrics, "rel_bops": summary.rel_bops,
                       "bops": summary.bops, "weight_bytes": summary.weight_bytes,
                       "within_budget": self.costs.budget.is_satisfied_by(summary)}

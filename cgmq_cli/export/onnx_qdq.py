@@ -54,6 +54,7 @@ from cgmq_cli.errors import ExportError, ParityError
 from cgmq_cli.export import qdq_types, verify
 from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, rewrite
 from cgmq_cli.graph import passes
+from cgmq_cli.ops.base import attr_tensor
 from cgmq_cli.quant.functional import FLOAT_BITS
 
 MIN_AGREEMENT = 99.9  # percent top-1 agreement with PyTorch an export must reach
@@ -96,47 +97,72 @@ def _mark(x: torch.Tensor, idx: int) -> torch.Tensor:
 
 
 def _marked_module(qm, float_only: bool) -> tuple[fx.GraphModule, list[Mark]]:
-    """A copy of ``qm.gm`` whose quantizer calls are markers (or nothing when ``float_only``)."""
+    """A copy of ``qm.gm`` whose quantizer calls are markers (or nothing when ``float_only``).
+
+    Every activation quantizer becomes one marker on its tensor, and every
+    alias (a grid-preserving op's output, e.g. after max-pooling) a marker with
+    the same parameters; every weight quantizer call one marker per call site.
+    """
     gm = qm.gm
-    by_key = {layer.key: layer for layer in qm.layers}
-    pairs = passes.quantizers(gm)
+    qs = qm.tensor_quantizers()
+    rows = {layer.node: layer for layer in qm.layers}
+    widths = qm.widths()
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     marks: list[Mark] = []
     prefix = passes.QUANT_ROOT + "."
+
+    def mark(source: fx.Node, replaced: fx.Node | None, m: Mark) -> None:
+        marks.append(m)
+        with graph.inserting_after(source):
+            new = graph.call_function(_mark, (source, len(marks) - 1))
+        if replaced is not None:
+            replaced.replace_all_uses_with(new)
+            graph.erase_node(replaced)
+        else:
+            source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+    nodes = {n.name: n for n in graph.nodes}
     for node in list(graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(prefix):
             continue
-        key, role = str(node.target)[len(prefix):].rsplit(".", 1)
-        layer = by_key[key]
-        user = next(iter(node.users))
-        call = layer.calls.index(user.name) if user.name in layer.calls else 0
-        wq, aq = pairs[key]
-        q = wq if role == "weight" else aq
+        key = str(node.target)[len(prefix):]
+        q = qs[key]
         bits = FLOAT_BITS if float_only else q.bits
-        weight = bias = None
-        if role == "weight":
-            weight = _attr_tensor(gm, node.args[0])
-            b_node = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-            bias = _attr_tensor(gm, b_node) if isinstance(b_node, fx.Node) and b_node.op == "get_attr" else None
         step = q.step(bits).detach() if bits < FLOAT_BITS else None
-        marks.append(Mark(layer=layer.name, role=role, call=call, bits=bits,
-                          signed=True if role == "weight" else q.is_signed, step=step, weight=weight, bias=bias))
-        with graph.inserting_before(node):
-            new = graph.call_function(_mark, (node.args[0], len(marks) - 1))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        zero = q.zero_point_value(bits) if bits < FLOAT_BITS else 0
+        if q.kind == "act":
+            mark(node.args[0], node, Mark(key=key, role="act", layer="", bits=bits, signed=q.is_signed, step=step,
+                                          zero_point=zero, grid=q.grid(bits) if bits < FLOAT_BITS else None))
+            continue
+        user = next(iter(node.users))
+        row = rows[user.name]
+        b_node = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+        bias = _attr_tensor(gm, b_node) if isinstance(b_node, fx.Node) and b_node.op == "get_attr" else None
+        integer = (not float_only and row.integer in qm.integer_ops and bits == 8
+                   and widths.get(row.act_keys[0]) == 8 and all(widths[k] == 8 for k in row.act_keys))
+        mark(node.args[0], node, Mark(key=key, role="weight", layer=row.name, bits=bits, signed=True, step=step,
+                                      grid=q.grid(bits) if bits < FLOAT_BITS else None,
+                                      weight=_attr_tensor(gm, node.args[0]), bias=bias, integer=integer,
+                                      tensor=str(node.args[0].target),
+                                      act_step=float(qs[row.act_keys[0]].step(8).detach()) if integer else None))
+    if not float_only:
+        for key, info in qm.tensors.items():
+            q = qs[key]
+            if info.kind != "act" or q.bits >= FLOAT_BITS:
+                continue
+            for alias in info.aliases:
+                mark(nodes[alias], None, Mark(key=key, role="alias", layer="", bits=q.bits, signed=q.is_signed,
+                                              step=q.step(q.bits).detach(), zero_point=q.zero_point_value(q.bits),
+                                              grid=q.grid(q.bits)))
     graph.lint()
     return fx.GraphModule(gm, graph, "CgmqExport"), marks
 
 
 def _attr_tensor(gm: torch.nn.Module, node: fx.Node) -> torch.Tensor:
     """The parameter or buffer a ``get_attr`` node reads."""
-    target = str(node.target)
-    if any(name == target for name, _ in gm.named_parameters()):
-        return gm.get_parameter(target)
-    return gm.get_buffer(target)
+    return attr_tensor(gm, str(node.target))
 
 
 def _torch_export(module: fx.GraphModule, sample_shape: tuple[int, ...], opset: int) -> tuple[onnx.ModelProto, bool]:
@@ -246,20 +272,18 @@ def _metadata(qm, opset: int, user: dict | None, float_only: bool) -> dict[str, 
     return out
 
 
-def _layers(qm, records: list[Rewritten]) -> tuple[ExportedLayer, ...]:
-    first = {}
-    for rec in records:
-        if rec.layer not in first or rec.call < first[rec.layer].call:
-            first[rec.layer] = rec
+def _layers(qm, records: list[Rewritten], opset: int) -> tuple[ExportedLayer, ...]:
+    by_layer = {rec.layer: rec for rec in records}
+    qs = qm.tensor_quantizers()
     out = []
-    for layer in qm.layers:
-        rec = first.get(layer.name)
+    for layer, shape in zip(qm.layers, qm.shapes):
+        rec = by_layer.get(layer.name)
         if rec is None:
             raise ExportError(f"layer `{layer.name}` was not found in the exported graph", "please report this model")
-        out.append(ExportedLayer(
-            name=layer.name, node=rec.node, op=rec.op, bits_w=rec.weight.bits if rec.weight else FLOAT_BITS,
-            bits_a=rec.act.bits if rec.act else FLOAT_BITS,
-            weight_type=_type_label(rec.weight), act_type=_type_label(rec.act)))
+        bits_w, bits_a = shape.bits(qm.widths())
+        act = qdq_types.storage(bits_a, qs[shape.act_key].is_signed, opset) if shape.act_key else None
+        out.append(ExportedLayer(name=layer.name, node=rec.node, op=rec.op, bits_w=bits_w, bits_a=bits_a,
+                                 weight_type=_type_label(rec.weight), act_type=_type_label(act)))
     return tuple(out)
 
 
@@ -273,10 +297,9 @@ def _build(qm, opset: int, metadata: dict | None, float_only: bool) -> tuple[onn
     if not qdq_types.MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"--opset {opset} is outside {qdq_types.MIN_OPSET}..{onnx.defs.onnx_opset_version()}",
                           "use --opset 25 (2-bit types), 21 (4/16-bit types) or 17 (8-bit containers)")
-    if not float_only:  # fail early, naming the layer, when a width has no type at this opset
-        for name, (bw, ba) in qm.bits().items():
-            qdq_types.storage(bw, True, opset, f"the weight of layer `{name}`")
-            qdq_types.storage(ba, True, opset, f"the input of layer `{name}`")
+    if not float_only:  # fail early, naming the tensor, when a width has no type at this opset
+        for key, bits in qm.widths().items():
+            qdq_types.storage(bits, True, opset, f"the {qm.tensors[key].label}")
     was_training = qm.gm.training
     qm.gm.eval()
     try:
@@ -344,7 +367,7 @@ def export_qdq(
     ``metadata`` is stored in metadata_props as ``cgmq.<key>`` (JSON values).
     """
     model, records, dynamic = _build(qm, opset, metadata, float_only=False)
-    layers = _layers(qm, records)
+    layers = _layers(qm, records, opset)
     result = {}
 
     def _check(tmp: Path) -> None:
@@ -377,7 +400,7 @@ def export_float(qm, path: str | os.PathLike, opset: int = 25, *, check: bool = 
     With ``check`` the file must pass onnx.checker and load in onnxruntime.
     """
     model, records, dynamic = _build(qm, opset, None, float_only=True)
-    layers = _layers(qm, records)
+    layers = _layers(qm, records, opset)
     _write(model, Path(path), (lambda tmp: verify.load_session(tmp)) if check else (lambda tmp: None))
     return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,
                       dynamic_batch=dynamic, metadata={p.key: p.value for p in model.metadata_props})

@@ -14,7 +14,6 @@ from cgmq_cli.errors import CgmqError
 from cgmq_cli.export.qdq_types import FLOAT_BYTES, INTEGER_TYPES, RANGE_KEY, TYPE_BITS, bits_for_range, parse_range
 from cgmq_cli.quant.functional import qrange
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 
 
@@ -69,10 +68,33 @@ class Graph:
         bounds = [i for i in node.input if i in self.consts]
         return len(node.input) == 2 and len(variable) == 1 and all(self.const(i).size == 1 for i in bounds)
 
+    def macs(self, node: onnx.NodeProto, k: int | None, batch: int) -> int:
+        """Output elements per example x the reduced dimension ``k`` (MACs of a compute node)."""
+        out = self.shapes.get(node.output[0])
+        if not out or any(d is None for d in out):
+            raise CgmqError(f"cannot count the MACs of {node.op_type} node `{node.name}`: its output shape is not "
+                            "static", "export the model with static shapes (only the batch dimension may be symbolic)")
+        if k is None:
+            raise CgmqError(f"cannot count the MACs of {node.op_type} node `{node.name}`: unknown weight shape",
+                            "export the model with static shapes")
+        return int(np.prod(out, dtype=np.int64)) * int(k) // batch
+
+    def bias_add(self, node: onnx.NodeProto) -> str | None:
+        """The constant of an ``Add`` that is the sole consumer of ``node`` (a MatMul's bias)."""
+        users = self.consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != node.output[0]]
+            if other and self.origin_const(other[0]) is not None:
+                return other[0]
+        return None
+
     def origin_const(self, name: str) -> str | None:
-        """The initializer a (weight) tensor is computed from, through DQ/Clip/layout ops."""
+        """The initializer a (weight) tensor is computed from, through DQ/Clip/layout ops and range guards."""
         while name not in self.consts:
             node = self.producer.get(name)
+            if node is not None and node.op_type in ("Max", "Min") and self.is_const_bounded(node):
+                name = next(i for i in node.input if i not in self.consts)
+                continue
             if node is None or node.op_type not in (*PASSTHROUGH, "DequantizeLinear", "Clip", "Cast"):
                 return None
             name = node.input[0]
@@ -184,41 +206,6 @@ def tensor_width(g: Graph, name: str, notes: list[str]) -> tuple[int, int | None
         bits = _dq_width(g, node, notes)
         return bits, elem, elem in TYPE_BITS and bits != TYPE_BITS[elem][0]
     return type_bits(g.types.get(src, onnx.TensorProto.FLOAT)), None, False
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def node_macs(g: Graph, node: onnx.NodeProto, batch: int) -> int:
-    out = g.shapes.get(node.output[0])
-    if not out or any(d is None for d in out):
-        raise CgmqError(f"cannot count the MACs of {node.op_type} node `{node.name}`: its output shape is not static",
-                        "export the model with static shapes (only the batch dimension may be symbolic)")
-    if node.op_type == "Conv":
-        w = g.shapes.get(node.input[1])
-        k = int(np.prod(w[1:])) if w and None not in w else None
-    elif node.op_type == "MatMul":
-        b = g.shapes.get(node.input[1])
-        k = (b[-2] if len(b) >= 2 else b[0]) if b else None
-    else:
-        a = g.shapes.get(node.input[0])
-        k = (a[0] if _attr(node, "transA") else a[1]) if a and len(a) == 2 else None
-    if k is None:
-        raise CgmqError(f"cannot count the MACs of {node.op_type} node `{node.name}`: unknown weight shape",
-                        "export the model with static shapes")
-    return int(np.prod(out, dtype=np.int64)) * int(k) // batch
-
-
-def bias_of(g: Graph, node: onnx.NodeProto) -> str | None:
-    if node.op_type in ("Conv", "Gemm"):
-        return node.input[2] if len(node.input) > 2 and node.input[2] else None
-    users = g.consumers.get(node.output[0], [])
-    if len(users) == 1 and users[0].op_type == "Add":
-        other = [i for i in users[0].input if i != node.output[0]]
-        if other and g.origin_const(other[0]) is not None:
-            return other[0]
-    return None
 
 
 def tensor_bytes(g: Graph, name: str | None, bits: int, seen: set[str]) -> float:

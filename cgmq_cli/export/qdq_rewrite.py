@@ -37,27 +37,38 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from cgmq_cli import ops
 from cgmq_cli.errors import ExportError
 from cgmq_cli.export.qdq_types import RANGE_KEY, Storage, storage
 from cgmq_cli.quant import functional as QF
+from cgmq_cli.quant.functional import FLOAT_BITS
 
 MARK_DOMAIN = "cgmq"
 MARK_OP = "Mark"
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
 class Mark:
-    """What one marker stands for: a layer's weight or input at one call site."""
+    """What one marker stands for: an activation tensor (or an alias of one), or a layer's weight at one call."""
 
-    layer: str
-    role: str  # "weight" | "act"
-    call: int
+    key: str  # the quantizer's key
+    role: str  # "act" | "alias" | "weight"
+    layer: str  # role "weight": the layer call (its compute node takes this name)
     bits: int
     signed: bool
     step: torch.Tensor | None  # positive step: () for activations, (C,) or () for weights
+    zero_point: int = 0  # integer zero point of an asymmetric activation
+    grid: tuple[int, int] | None = None  # the quantizer's integer codes [qmin, qmax] (reduced range included)
     weight: torch.Tensor | None = None  # the (BN-folded) float weight, role "weight"
     bias: torch.Tensor | None = None  # the layer's float bias, role "weight" (None: no bias)
+    integer: bool = False  # role "weight": the layer runs as an integer kernel on this profile
+    tensor: str = ""  # role "weight": the weight attribute, e.g. "fc.weight" (names its initializers)
+    act_step: float | None = None  # role "weight", integer layers: the input's step (int32 bias scale)
+
+    @property
+    def base(self) -> str:
+        """The layer without its call-site suffix: call sites of one layer share weight and bias."""
+        return self.layer.split("#")[0]
 
 
 @dataclass(frozen=True)
@@ -65,11 +76,9 @@ class Rewritten:
     """One layer call as it ended up in the file."""
 
     layer: str
-    call: int
     node: str
     op: str
     weight: Storage | None
-    act: Storage | None
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -83,10 +92,6 @@ def _copy(message, cls):
     new = cls()
     new.CopyFrom(message)
     return new
-
-
-def _suffix(call: int) -> str:
-    return f"#{call}" if call else ""
 
 
 class _Rewriter:
@@ -104,58 +109,71 @@ class _Rewriter:
         self.replace: dict[int, list[onnx.NodeProto]] = {}
         self.rename: dict[str, str] = {}
         self.inits: dict[str, onnx.TensorProto] = {}
-        self.records: dict[tuple[str, int], dict] = {}
-        self.weight_bits = {(m.layer, m.call): m.bits for m in marks if m.role == "weight"}
+        self.records: dict[str, dict] = {}
+        self.integer_layers: set[str] = set()  # compute nodes (by name) that run as integer kernels
+        self.guarded: dict[str, str] = {}  # 8-bit DQ output -> its guarded copy, read by the other compute nodes
+        self.aliases = 0
 
-    # -- helpers ---------------------------------------------------------------
+    # -- helpers (also used by the op registry's export_weight) -----------------
     def _add_init(self, array: np.ndarray, name: str) -> str:
         if name not in self.inits:
             self.inits[name] = numpy_helper.from_array(array, name)
         return name
 
     def _record(self, mark: Mark, **kw) -> None:
-        self.records.setdefault((mark.layer, mark.call), {}).update(kw)
+        self.records.setdefault(mark.layer, {}).update(kw)
 
-    def _compute_node(self, node: onnx.NodeProto, mark: Mark) -> None:
-        node.name = mark.layer + _suffix(mark.call)
+    def compute_node(self, node: onnx.NodeProto, mark: Mark) -> None:
+        """Name the compute node after the layer call and remember how it runs."""
+        node.name = mark.layer
         self._record(mark, node=node.name, op=node.op_type)
+        if mark.integer:
+            self.integer_layers.add(mark.layer)
+
+    def sole_consumer(self, out: str, mark: Mark) -> onnx.NodeProto:
+        users = self.consumers[out]
+        if len(users) != 1:
+            raise ExportError(f"layer `{mark.layer}`: its weight has {len(users)} consumers in the exported graph",
+                              "please report this model; cgmq expects one Conv/Gemm/MatMul per call")
+        return users[0]
 
     # -- activations -----------------------------------------------------------
     def act(self, node: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
+        """``Q -> DQ`` of one tensor (an alias reuses the tensor's scale and zero point)."""
         src, out = node.input[0], node.output[0]
-        for user in self.consumers[out]:
-            if user.op_type in COMPUTE_OPS:
-                self._compute_node(user, mark)
-        st = storage(mark.bits, mark.signed, self.opset, f"the input of layer `{mark.layer}`")
-        self._record(mark, act=st)
+        st = storage(mark.bits, mark.signed, self.opset, f"tensor `{mark.key}`")
         if st is None:
             self.rename[out] = src
             return []
-        p = f"{mark.layer}/act{_suffix(mark.call)}"
+        p = mark.key
+        if mark.role == "alias":
+            self.aliases += 1
+            p = f"{mark.key}/alias{self.aliases}"
         dtype = helper.tensor_dtype_to_np_dtype(st.elem_type)
         step = np.float32(mark.step.detach().cpu().float().item())
-        scale = self._add_init(np.array(step, np.float32), f"{p}/scale")
-        zero = self._add_init(np.zeros((), dtype), f"{p}/zero_point")
-        lo, hi = st.grid
+        scale = self._add_init(np.array(step, np.float32), f"{mark.key}/scale")
+        zero = self._add_init(np.array(mark.zero_point, dtype), f"{mark.key}/zero_point")
+        lo, hi = mark.grid or st.grid
+        z = mark.zero_point
         nodes = []
         if st.bits != 8:  # range guard, see qdq_types
-            nodes += self._guard(src, f"{p}/guarded", lo, hi, step, p)
+            nodes += self._guard(src, f"{p}/guarded", lo - z, hi - z, step, p)
             src = f"{p}/guarded"
         nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [f"{p}/q"], name=f"{p}/QuantizeLinear"))
         codes = f"{p}/q"
         if st.clip == "int":  # 8-bit container: narrow the codes to [lo, hi]
-            bounds = [self._add_init(np.array(v, dtype), f"{p}/code_{k}") for k, v in (("min", lo), ("max", hi))]
+            bounds = [self._add_init(np.array(v, dtype), f"{mark.key}/code_{k}") for k, v in (("min", lo), ("max", hi))]
             nodes.append(helper.make_node("Clip", [codes, *bounds], [f"{p}/q_clipped"], name=f"{p}/ClipCodes"))
             codes = f"{p}/q_clipped"
-        w_st = storage(self.weight_bits.get((mark.layer, mark.call), 32), True, self.opset)
-        post_guard = st.container_bits == 8 and w_st is not None and w_st.elem_type != onnx.TensorProto.INT8
-        dq_out = f"{p}/dq" if post_guard else out
-        dq = helper.make_node("DequantizeLinear", [codes, scale, zero], [dq_out], name=f"{p}/DequantizeLinear")
+        dq = helper.make_node("DequantizeLinear", [codes, scale, zero], [out], name=f"{p}/DequantizeLinear")
         if st.is_container:
             helper.set_metadata_props(dq, {RANGE_KEY: f"{lo},{hi}"})
         nodes.append(dq)
-        if post_guard:  # 8-bit input, non-int8 weight: keep onnxruntime from fusing it (see qdq_types)
-            nodes += self._guard(dq_out, out, lo, hi, step, f"{p}/post")
+        if st.container_bits == 8 and any(u.op_type in ops.ONNX_COMPUTE_TYPES for u in self.consumers[out]):
+            # keep onnxruntime's integer fusions to the layers that run as integer kernels on the profile:
+            # every other compute node reads a guarded copy (see _rebuild)
+            nodes += self._guard(out, f"{p}/float", lo - z, hi - z, step, f"{p}/post")
+            self.guarded[out] = f"{p}/float"
         return nodes
 
     def _guard(self, src: str, out: str, lo: int, hi: int, step: np.float32, p: str) -> list[onnx.NodeProto]:
@@ -167,57 +185,42 @@ class _Rewriter:
 
     # -- weights ---------------------------------------------------------------
     def weight(self, node: onnx.NodeProto, mark: Mark) -> None:
-        out = node.output[0]
-        users = self.consumers[out]
-        if len(users) != 1:
-            raise ExportError(f"layer `{mark.layer}`: its weight has {len(users)} consumers in the exported graph",
-                              "please report this model; cgmq expects one Conv/Gemm/MatMul per call")
-        user = users[0]
-        if user.op_type == "Conv" and user.input[1] == out:
-            self._compute_node(user, mark)
-            self.replace[id(node)] = self._weight_nodes(mark, out, transposed=False)
-            if mark.bias is not None and (len(user.input) < 3 or not user.input[2]):
-                del user.input[2:]  # torch.onnx dropped an all-zero bias: restore it
-                user.input.append(self._bias_init(mark))
-            return
-        if user.op_type == "Transpose" and list(_attr(user, "perm", [])) == [1, 0]:
-            mms = self.consumers[user.output[0]]
-            if len(mms) == 1 and mms[0].op_type == "MatMul" and mms[0].input[1] == user.output[0]:
-                mm = mms[0]
-                self._compute_node(mm, mark)
-                self.replace[id(node)] = []
-                self.replace[id(user)] = self._weight_nodes(mark, user.output[0], transposed=True)
-                if mark.bias is not None and not any(c.op_type == "Add" for c in self.consumers[mm.output[0]]):
-                    self.replace[id(mm)] = self._with_bias(mm, mark)
+        """Store the weight in the layout its consumer takes (the op registry knows each op's layout)."""
+        for op in ops.COMPUTE_OPS:
+            if op.export_weight(self, node, mark):
                 return
-        if user.op_type == "Gemm" and user.input[1] == out and self._plain_gemm(user):
-            self.replace[id(node)] = self._weight_nodes(mark, out, transposed=True)
-            self.replace[id(user)] = self._gemm_as_matmul(user, mark)
-            return
+        user = self.sole_consumer(node.output[0], mark)
         raise ExportError(f"layer `{mark.layer}`: torch.onnx produced an unexpected consumer "
                           f"`{user.op_type}` for its weight",
                           "please report this model (cgmq rewrites Conv, Gemm and Transpose->MatMul)")
 
-    @staticmethod
-    def _plain_gemm(node: onnx.NodeProto) -> bool:
-        return (_attr(node, "transA", 0) == 0 and _attr(node, "transB", 0) == 1
-                and float(_attr(node, "alpha", 1.0)) == 1.0 and float(_attr(node, "beta", 1.0)) == 1.0)
+    def bias_init(self, mark: Mark) -> str:
+        return self._add_init(mark.bias.detach().cpu().float().contiguous().numpy(), f"{mark.base}.bias")
 
-    def _bias_init(self, mark: Mark) -> str:
-        return self._add_init(mark.bias.detach().cpu().float().contiguous().numpy(), f"{mark.layer}.bias")
+    def int32_bias(self, mark: Mark) -> list[onnx.NodeProto]:
+        """The bias as int32 codes ``round(b / (s_a * s_w))`` behind a DequantizeLinear (as onnxruntime's
+        own quantizer writes it; its QGemm fusion needs it)."""
+        scale = (np.float32(mark.act_step) * mark.step.detach().cpu().float().numpy()).astype(np.float32)
+        codes = np.round(mark.bias.detach().cpu().float().numpy() / scale).astype(np.int32)
+        p = f"{mark.base}.bias"
+        q = self._add_init(codes, f"{p}_q")
+        s = self._add_init(scale.reshape(mark.step.shape), f"{p}_scale")
+        z = self._add_init(np.zeros(tuple(mark.step.shape), np.int32), f"{p}_zero_point")
+        kw = {"axis": 0} if mark.step.ndim else {}
+        return [helper.make_node("DequantizeLinear", [q, s, z], [f"{p}/dq"], name=f"{mark.layer}/bias/DequantizeLinear", **kw)]
 
-    def _with_bias(self, mm: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
+    def with_bias(self, mm: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
         """``mm`` followed by an Add of the layer's bias, under the original output name."""
         out = mm.output[0]
         new = _copy(mm, onnx.NodeProto)
         new.output[0] = f"{new.name}/matmul"
-        return [new, helper.make_node("Add", [new.output[0], self._bias_init(mark)], [out], name=f"{new.name}/bias")]
+        return [new, helper.make_node("Add", [new.output[0], self.bias_init(mark)], [out], name=f"{new.name}/bias")]
 
-    def _gemm_as_matmul(self, gemm: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
-        name = mark.layer + _suffix(mark.call)
+    def gemm_as_matmul(self, gemm: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
+        name = mark.layer
         bias = gemm.input[2] if len(gemm.input) > 2 and gemm.input[2] else None
         if bias is None and mark.bias is not None:  # torch.onnx dropped an all-zero bias: restore it
-            bias = self._bias_init(mark)
+            bias = self.bias_init(mark)
         mm_out = f"{name}/matmul" if bias else gemm.output[0]
         nodes = [helper.make_node("MatMul", [gemm.input[0], gemm.input[1]], [mm_out], name=name)]
         if bias:
@@ -225,7 +228,7 @@ class _Rewriter:
         self._record(mark, node=name, op="MatMul")
         return nodes
 
-    def _weight_nodes(self, mark: Mark, out: str, transposed: bool) -> list[onnx.NodeProto]:
+    def weight_nodes(self, mark: Mark, out: str, transposed: bool) -> list[onnx.NodeProto]:
         """Nodes that produce the weight, in the consumer's layout, under the name ``out``."""
         w = mark.weight.detach().cpu().float()
         st = storage(mark.bits, True, self.opset, f"the weight of layer `{mark.layer}`")
@@ -236,10 +239,10 @@ class _Rewriter:
                               "please report this model")
         if st is None:
             self.rename[out] = self._add_init((w.T if transposed else w).contiguous().numpy(),
-                                              f"{mark.layer}.weight{layout}")
+                                              f"{mark.tensor}{layout}")
             return []
         step = mark.step.detach().cpu().float()
-        qmin, qmax = st.grid
+        qmin, qmax = mark.grid or st.grid
         codes = QF.quantize_codes(w, QF.channel_view(step, w.ndim), qmin, qmax)
         axis = None
         if step.ndim:
@@ -247,32 +250,43 @@ class _Rewriter:
         if transposed:
             codes = codes.T
         dtype = helper.tensor_dtype_to_np_dtype(st.elem_type)
-        p = f"{mark.layer}.weight{layout}"
+        p = f"{mark.tensor}{layout}"
         q = self._add_init(codes.contiguous().numpy().astype(dtype), f"{p}_q")
         scale = self._add_init(step.numpy().astype(np.float32), f"{p}_scale")
         zero = self._add_init(np.zeros(tuple(step.shape), dtype), f"{p}_zero_point")
         kw = {} if axis is None else {"axis": axis}
-        dq = helper.make_node("DequantizeLinear", [q, scale, zero], [out],
-                              name=f"{mark.layer}/weight{_suffix(mark.call)}/DequantizeLinear", **kw)
+        # A MatMul that is not an integer kernel reads the weight through a range guard: onnxruntime
+        # 1.32 otherwise turns DQ -> MatMul into MatMulNBits, which quantizes the activation to int8
+        # on the fly (its default accuracy level 4) and no longer computes the QDQ model's values.
+        guard = transposed and not mark.integer
+        dq_out = f"{mark.layer}/weight/dq" if guard else out
+        dq = helper.make_node("DequantizeLinear", [q, scale, zero], [dq_out],
+                              name=f"{mark.layer}/weight/DequantizeLinear", **kw)
         if st.is_container:
             helper.set_metadata_props(dq, {RANGE_KEY: f"{qmin},{qmax}"})
-        return [dq]
+        if not guard:
+            return [dq]
+        top = np.float32(step.max().item())
+        return [dq, *self._guard(dq_out, out, qmin, qmax, top, f"{mark.layer}/weight/guard")]
 
     # -- driver ----------------------------------------------------------------
     def run(self) -> list[Rewritten]:
+        found = []
         for node in self.nodes:
             if node.domain != MARK_DOMAIN:
                 continue
             if node.op_type != MARK_OP or _attr(node, "idx") is None:
                 raise ExportError(f"unexpected node {node.domain}.{node.op_type} in the export", "please report this")
-            mark = self.marks[int(_attr(node, "idx"))]
-            if mark.role == "act":
-                self.replace[id(node)] = self.act(node, mark)
-            else:
+            found.append((node, self.marks[int(_attr(node, "idx"))]))
+        for node, mark in found:  # weights first: an activation's Q/DQ depends on how its readers run
+            if mark.role == "weight":
                 self.weight(node, mark)
+        for node, mark in found:
+            if mark.role != "weight":
+                self.replace[id(node)] = self.act(node, mark)
         self._rebuild()
-        return [Rewritten(layer=k[0], call=k[1], node=r.get("node", ""), op=r.get("op", ""),
-                          weight=r.get("weight"), act=r.get("act")) for k, r in self.records.items()]
+        return [Rewritten(layer=k, node=r.get("node", ""), op=r.get("op", ""), weight=r.get("weight"))
+                for k, r in self.records.items()]
 
     def _unshare(self, nodes: list[onnx.NodeProto], originals: dict[str, onnx.TensorProto]) -> None:
         """Give each layer its own bias / float weight initializer.
@@ -282,7 +296,7 @@ class _Rewriter:
         then store fewer bytes than the cost model counts for its layers. Call
         sites of one layer keep sharing theirs.
         """
-        layer_of = {r["node"]: layer for (layer, _), r in self.records.items() if "node" in r}
+        layer_of = {r["node"]: layer.split("#")[0] for layer, r in self.records.items() if "node" in r}
         consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in nodes:
             for name in node.input:
@@ -307,6 +321,15 @@ class _Rewriter:
                     self.inits.setdefault(copy.name, copy)
                     user.input[i] = copy.name
 
+    def _drop_unread_guards(self, final: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """Remove post-DQ guards that no node reads (every reader runs as an integer kernel)."""
+        while True:
+            read = {name for node in final for name in node.input} | {o.name for o in self.graph.output}
+            dead = {id(n) for n in final if n.name.endswith(("/post/RangeMax", "/post/RangeMin")) and n.output[0] not in read}
+            if not dead:
+                return final
+            final = [n for n in final if id(n) not in dead]
+
     def _rebuild(self) -> None:
         g = self.graph
         final = [_copy(new, onnx.NodeProto) for node in self.nodes for new in self.replace.get(id(node), [node])]
@@ -314,7 +337,10 @@ class _Rewriter:
             for i, name in enumerate(node.input):
                 while name in self.rename:
                     name = self.rename[name]
+                if name in self.guarded and node.op_type in ops.ONNX_COMPUTE_TYPES and node.name not in self.integer_layers:
+                    name = self.guarded[name]
                 node.input[i] = name
+        final = self._drop_unread_guards(final)
         originals = {t.name: t for t in g.initializer}
         self._unshare(final, originals)
         del g.node[:]

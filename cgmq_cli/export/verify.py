@@ -49,7 +49,8 @@ import torch
 from cgmq_cli.errors import CgmqError, CheckFailedError
 from cgmq_cli.export import lint
 from cgmq_cli.export.lint import load_session
-from cgmq_cli.export.qdq_read import COMPUTE_OPS, Graph, bias_of, node_macs, prepare, tensor_bytes, tensor_width
+from cgmq_cli import ops
+from cgmq_cli.export.qdq_read import Graph, prepare, tensor_bytes, tensor_width
 
 __all__ = ["LayerWidths", "VerifyResult", "ParityResult", "read_widths", "check_budget", "parity", "latency",
            "load_session"]
@@ -110,17 +111,15 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
     g = Graph(model)
     rows, weights, seen = [], {}, set()
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in COMPUTE_OPS:
+        found = ops.read(g, node, batch)
+        if found is None:
             continue
+        _, read = found
         name = node.name or f"{node.op_type}_{i}"
         notes: list[str] = []
-        a_in, w_in = node.input[0], node.input[1]
-        if node.op_type == "MatMul" and g.origin_const(w_in) is None and g.origin_const(a_in) is not None:
-            a_in, w_in = w_in, a_in  # constant on the left: it is the weight
+        a_in, w_in, macs, bias = read.act, read.weight, read.macs, read.bias
         bits_a, a_type, _ = tensor_width(g, a_in, notes)
         bits_w, w_type, w_narrowed = tensor_width(g, w_in, notes)
-        macs = node_macs(g, node, batch)
-        bias = bias_of(g, node)
         bias_bits = tensor_width(g, bias, [])[0] if bias else 0
         wbytes = tensor_bytes(g, w_in, bits_w, seen) + tensor_bytes(g, bias, bias_bits, seen)
         weights[name] = g.origin_const(w_in)

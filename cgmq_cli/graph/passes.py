@@ -1,68 +1,84 @@
-"""GraphModule -> GraphModule passes: fold BatchNorm, insert gated quantizers.
+"""GraphModule -> GraphModule passes: fold BatchNorm, functional calls, insert gated quantizers.
 
-After :func:`insert_quantizers`, every quantizable call (Conv1d/Conv2d/Linear
-modules and their functional forms with a parameter weight) reads
+After :func:`insert_quantizers` every quantizable call (an entry of
+:mod:`cgmq_cli.ops`, called as a module or functionally on a parameter
+weight) reads
 
-    F.convNd / F.linear( act_quantizer(x), weight_quantizer(W), bias, ... )
+    op( act_quantizer(x), weight_quantizer(W), bias, ... )
 
-as plain ``call_function`` nodes, whether it came from a module or not. The
-quantizers live in ``gm.cgmq[<layer key>]`` (``.weight`` and ``.act``); a
-module or weight used at several call sites shares one pair. Everything else in
-the graph is left exactly as it was.
+as a plain ``call_function`` node. Quantizers live in ``gm.cgmq[<key>]``:
+``w_<layer>`` for a layer's weight (shared by its call sites) and
+``a_<tensor>`` for an activation tensor (shared by every op that reads it;
+see :mod:`cgmq_cli.graph.placement` for where they go). Everything else in
+the graph is left as it was.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from cgmq_cli.errors import TraceError
+from cgmq_cli import ops
+from cgmq_cli.graph import placement
 from cgmq_cli.quant.modules import GatedQuantizer
 
-aten = torch.ops.aten
-
-# One registry: what counts as a quantizable op, and its functional form.
-MODULE_OPS: dict[type, tuple[str, Callable]] = {
-    nn.Conv1d: ("conv1d", F.conv1d),
-    nn.Conv2d: ("conv2d", F.conv2d),
-    nn.Linear: ("linear", F.linear),
-}
-FUNCTION_OPS: dict[Callable, str] = {
-    F.conv1d: "conv1d",
-    F.conv2d: "conv2d",
-    F.linear: "linear",
-    torch.conv1d: "conv1d",
-    torch.conv2d: "conv2d",
-    aten.conv1d.default: "conv1d",
-    aten.conv2d.default: "conv2d",
-    aten.linear.default: "linear",
-}
 QUANT_ROOT = "cgmq"
+
+WidthsFn = Callable[[str, str, int, int], tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What the profile says about quantizer insertion."""
+
+    widths_for: WidthsFn
+    input_bits: int = 8
+    signedness: str = "auto"
+    per_channel: bool = True
+    integer_ops: frozenset[str] = frozenset()
+    reduce_range: bool = False
+    integer_width: int = 8  # the width of quantizers that no compute op reads (integer kernels' operands)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One quantized layer: a weight and the input activation(s) of its call sites."""
+    """One call site of a quantized layer: its operands' quantizers and what the cost model counts."""
 
-    name: str
-    key: str
-    op: str  # "conv2d" | "depthwise" | "conv1d" | "linear"
+    name: str  # the layer, with "#k" for its k-th extra call site
+    layer: str
+    op: str  # "conv2d" | "depthwise" | "conv1d" | "linear" | ...
+    node: str  # fx node name of the call
+    weight_key: str | None  # quantizer of the weight (None: activation x activation)
+    act_keys: tuple[str, ...]  # quantizers of the activation operands, in operand order
     weight_shape: tuple[int, ...]
+    params: int  # weight elements stored (0 at a repeated call site)
     bias_params: int
-    calls: tuple[str, ...]  # fx node names of the call sites, in graph order
     takes_network_input: bool
+    integer: str  # the profile's integer_ops name of the op
+    macs: int = 0  # per example
+
+
+@dataclass(frozen=True)
+class QuantizerInfo:
+    """One quantizer: what it quantizes (for reports and the export)."""
+
+    key: str
+    kind: str  # "weight" | "act"
+    tensor: str  # fx node name (act) or weight attribute (weight)
+    layers: tuple[str, ...]  # the layers whose cost it sets
+    aliases: tuple[str, ...] = ()  # fx node names of grid-preserving outputs carrying its grid
 
     @property
-    def params(self) -> int:
-        return int(torch.Size(self.weight_shape).numel())
-
-
-WidthsFn = Callable[[str, str, int, int], tuple[tuple[int, ...], tuple[int, ...]]]
+    def label(self) -> str:
+        if self.kind == "weight":
+            return f"weight of {self.layers[0]}"
+        if self.layers:
+            return f"input of {', '.join(self.layers)}"
+        return f"output of {self.tensor} (integer-kernel operand, no gate)"
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
@@ -103,125 +119,93 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def _op_kind(base: str, weight: torch.Tensor, groups: int) -> str:
-    if base == "conv2d" and groups > 1 and weight.shape[1] == 1:
-        return "depthwise"
-    return base
-
-
-def _candidates(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str, Callable | None]]:
-    """(node, layer name, base op, functional op for module calls) for every quantizable call."""
+def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every module call of a registry op becomes its functional call on ``get_attr`` weights."""
     modules = dict(gm.named_modules())
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and type(modules.get(node.target)) in MODULE_OPS:
-            base, fn = MODULE_OPS[type(modules[node.target])]
-            module = modules[node.target]
-            if getattr(module, "padding_mode", "zeros") != "zeros":
-                raise TraceError(
-                    f"layer `{node.target}` uses padding_mode={module.padding_mode!r}, which cgmq cannot quantize",
-                    "use zero padding, or keep its parent untraced with --leaf",
-                )
-            found.append((node, node.target, base, fn))
-        elif node.op == "call_function" and node.target in FUNCTION_OPS:
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-                found.append((node, name, FUNCTION_OPS[node.target], None))
-    return found
-
-
-def insert_quantizers(
-    gm: fx.GraphModule,
-    widths_for: WidthsFn,
-    input_bits: int = 8,
-    signedness: str = "auto",
-    per_channel: bool = True,
-) -> tuple[fx.GraphModule, list[LayerInfo]]:
-    """Put a weight quantizer and an input quantizer on every quantizable call.
-
-    ``widths_for(name, op, index, n_layers)`` gives each layer's allowed
-    (weight, activation) widths. A layer whose input is the network input gets
-    its activation width fixed to ``input_bits``.
-    """
-    candidates = _candidates(gm)
-    names = list(dict.fromkeys(name for _, name, _, _ in candidates))
-    qroot = nn.ModuleDict()
-    gm.add_module(QUANT_ROOT, qroot)
-    records: dict[str, dict] = {}
-    for node, name, base, fn in candidates:
-        key = name.replace(".", "_") or "root"
-        graph = gm.graph
-        with graph.inserting_before(node):
-            if fn is not None:  # module call -> functional call on quantized operands
-                module = gm.get_submodule(name)
-                x, = node.args
-                w_node = graph.get_attr(f"{name}.weight")
-                b_node = graph.get_attr(f"{name}.bias") if module.bias is not None else None
-                extra = () if base == "linear" else (module.stride, module.padding, module.dilation, module.groups)
-                weight, groups = module.weight, getattr(module, "groups", 1)
-            else:
-                _positional_operands(node)
-                x, w_node = node.args[0], node.args[1]
-                b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-                weight = gm.get_parameter(w_node.target) if _is_param(gm, w_node.target) else gm.get_buffer(w_node.target)
-                groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            op = _op_kind(base, weight, groups)
-            if key not in qroot:
-                w_bits, a_bits = widths_for(name, op, names.index(name), len(names))
-                if isinstance(x, fx.Node) and x.op == "placeholder":
-                    a_bits = (input_bits,)
-                channels = weight.shape[0] if per_channel else None
-                qroot[key] = nn.ModuleDict({
-                    "weight": GatedQuantizer("weight", w_bits, channels),
-                    "act": GatedQuantizer("act", a_bits, None, signedness),
-                })
-                records[key] = dict(name=name, key=key, op=op, weight_shape=tuple(weight.shape),
-                                    bias_params=_bias_numel(gm, b_node), calls=[],
-                                    takes_network_input=isinstance(x, fx.Node) and x.op == "placeholder")
-            xq = graph.call_module(f"{QUANT_ROOT}.{key}.act", (x,))
-            wq = graph.call_module(f"{QUANT_ROOT}.{key}.weight", (w_node,))
-            if fn is not None:
-                new = graph.call_function(fn, (xq, wq, b_node, *extra))
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-                records[key]["calls"].append(new.name)
-            else:
-                node.args = (xq, wq, *node.args[2:])
-                records[key]["calls"].append(node.name)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            op = ops.module_op(modules.get(node.target))
+            if op is not None:
+                op.functionalize(gm, node, modules[node.target])
     gm.graph.lint()
     gm.recompile()
-    layers = [LayerInfo(**{**r, "calls": tuple(r["calls"])}) for r in records.values()]
-    return gm, layers
+    return gm
 
 
-def _positional_operands(node: fx.Node) -> None:
-    """Move ``input``/``weight`` passed by keyword (``F.linear(x, weight=w)``) to positions 0 and 1."""
-    if len(node.args) >= 2:
-        return
-    args, kwargs = list(node.args), dict(node.kwargs)
-    if not args:
-        args.append(kwargs.pop("input"))
-    args.append(kwargs.pop("weight"))
-    node.args, node.kwargs = tuple(args), kwargs
+def _key(prefix: str, name: str, taken: set[str]) -> str:
+    key = f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', name) or 'root'}"
+    base, i = key, 1
+    while key in taken:
+        key, i = f"{base}_{i}", i + 1
+    taken.add(key)
+    return key
 
 
-def _is_param(gm: nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
+def insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> tuple[list[LayerInfo], dict[str, QuantizerInfo]]:
+    """Put a weight quantizer on every quantizable call and an activation quantizer on every planned tensor.
+
+    ``gm`` must be functionalized and shape-propagated (``ShapeProp``) with a
+    batch-1 example. ``spec.widths_for(name, op, index, n_layers)`` gives a
+    layer's allowed (weight, activation) widths.
+    """
+    calls = [c for c in (ops.match(gm, n) for n in list(gm.graph.nodes)) if c is not None]
+    names = list(dict.fromkeys(c.layer for c in calls))
+    widths = {name: None for name in names}
+    for c in calls:
+        if widths[c.layer] is None:
+            widths[c.layer] = spec.widths_for(c.layer, c.op, names.index(c.layer), len(names))
+    plans = placement.plan(gm, calls, lambda c: widths[c.layer][1], spec.input_bits, spec.integer_ops)
+    qroot = nn.ModuleDict()
+    gm.add_module(QUANT_ROOT, qroot)
+    taken: set[str] = set()
+    infos: dict[str, QuantizerInfo] = {}
+    act_key: dict[fx.Node, str] = {}
+    graph = gm.graph
+    layer_of = {c.node: c.layer for c in calls}
+    for tensor, p in plans.items():
+        key = _key("a", layer_of.get(tensor, tensor.name), taken)  # a layer's output is named after the layer
+        allowed = p.allowed if p.allowed is not None else (spec.integer_width,)
+        qroot[key] = GatedQuantizer("act", allowed, None, spec.signedness, upper=p.upper)
+        with graph.inserting_after(tensor):
+            qnode = graph.call_module(f"{QUANT_ROOT}.{key}", (tensor,))
+        if spec.integer_ops:  # integer kernels: every reader reads the quantized tensor
+            tensor.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+        else:
+            for reader in p.readers:
+                reader.replace_input_with(tensor, qnode)
+        act_key[tensor] = key
+        for alias in p.aliases:
+            act_key[alias] = key
+        infos[key] = QuantizerInfo(key, "act", layer_of.get(tensor, tensor.name), tuple(p.layers),
+                                   tuple(a.name for a in p.aliases))
+    weight_key: dict[str, str] = {}
+    layers: list[LayerInfo] = []
+    seen: dict[str, int] = {}
+    for call in calls:
+        weight = ops.base.attr_tensor(gm, call.weight.target)
+        if call.layer not in weight_key:
+            key = weight_key[call.layer] = _key("w", call.layer, taken)
+            channels = weight.shape[call.kind.weight_axis] if spec.per_channel else None
+            qroot[key] = GatedQuantizer("weight", widths[call.layer][0], channels, reduced=spec.reduce_range)
+            infos[key] = QuantizerInfo(key, "weight", call.weight.target, (call.layer,))
+        with graph.inserting_before(call.node):
+            wq = graph.call_module(f"{QUANT_ROOT}.{weight_key[call.layer]}", (call.weight,))
+        call.node.replace_input_with(call.weight, wq)
+        k = seen.get(call.layer, 0)
+        seen[call.layer] = k + 1
+        bias = ops.base.attr_tensor(gm, call.bias.target) if ops.base.is_param_attr(gm, call.bias) else None
+        operands = tuple(act_key[x] for x in call.inputs)
+        layers.append(LayerInfo(
+            name=call.layer if k == 0 else f"{call.layer}#{k}", layer=call.layer, op=call.op, node=call.node.name,
+            weight_key=weight_key[call.layer], act_keys=operands, weight_shape=tuple(weight.shape),
+            params=int(weight.numel()) if k == 0 else 0, bias_params=int(bias.numel()) if bias is not None and k == 0 else 0,
+            takes_network_input=any(x.op == "placeholder" for x in call.inputs), integer=call.kind.integer,
+            macs=call.kind.macs(call)))
+    graph.lint()
+    gm.recompile()
+    return layers, infos
 
 
-def _bias_numel(gm: fx.GraphModule, b_node: object) -> int:
-    if isinstance(b_node, fx.Node) and b_node.op == "get_attr":
-        return int(getattr(gm.get_submodule(b_node.target.rpartition(".")[0]) if "." in b_node.target else gm,
-                           b_node.target.rpartition(".")[2]).numel())
-    return 0
-
-
-def quantizers(gm: nn.Module) -> dict[str, tuple[GatedQuantizer, GatedQuantizer]]:
-    """Layer key -> (weight quantizer, activation quantizer)."""
-    root = getattr(gm, QUANT_ROOT)
-    return {key: (pair["weight"], pair["act"]) for key, pair in root.items()}
+def quantizers(gm: nn.Module) -> dict[str, GatedQuantizer]:
+    """Quantizer key -> quantizer, in insertion order (activations first, then weights)."""
+    return dict(getattr(gm, QUANT_ROOT).items())

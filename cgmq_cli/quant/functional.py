@@ -21,9 +21,20 @@ import torch
 FLOAT_BITS = 32
 
 
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Smallest and largest integer code of a ``bits``-wide grid."""
+REDUCED_RANGE = (-64, 63)  # 8-bit weight codes that a u8 x s8 pair sum cannot overflow in 16 bits
+
+
+def qrange(bits: int, signed: bool, reduced: bool = False) -> tuple[int, int]:
+    """Smallest and largest integer code of a ``bits``-wide grid.
+
+    ``reduced`` (8-bit signed only, onnxruntime's ``reduce_range``): the codes
+    [-64, 63]. x86 CPUs without VNNI add pairs of u8 x s8 products in a 16-bit
+    register (``vpmaddubsw``), which 2 * 255 * 128 overflows and 2 * 255 * 64
+    does not.
+    """
     if signed:
+        if reduced and bits == 8:
+            return REDUCED_RANGE
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
@@ -48,19 +59,24 @@ def lsq_grad_factor(numel: int, qmax: int) -> float:
     return 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
 
 
-def fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, step: torch.Tensor, qmin, qmax) -> torch.Tensor:
     """``step * clamp(round(x / step), qmin, qmax)`` with straight-through rounding.
 
     Clamping happens before rounding (same values, since the bounds are integers)
     so that the gradient w.r.t. ``x`` is 1 inside the range and 0 outside, and
     the gradient w.r.t. ``step`` is the LSQ one.
+
+    With an integer zero point z the grid is ``step * (q - z)`` for codes q in
+    [qmin, qmax], i.e. this function with the bounds ``qmin - z, qmax - z``
+    (ONNX rounds ``x / step`` before adding z, so the values agree exactly).
+    The bounds may be tensors, so that a learned z gets a gradient.
     """
     return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
 
-def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """The integer codes (as int64) that QuantizeLinear would produce."""
-    return torch.clamp(torch.round(x / step), qmin, qmax).to(torch.int64)
+def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, zero_point: int = 0) -> torch.Tensor:
+    """The integer codes (as int64) that QuantizeLinear would produce: clamp(round(x / s) + z)."""
+    return torch.clamp(torch.round(x / step) + zero_point, qmin, qmax).to(torch.int64)
 
 
 def channel_view(step: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
@@ -88,6 +104,7 @@ def mse_optimal_step(
     signed: bool,
     per_channel: bool,
     n_grid: int = 25,
+    qmax: int | None = None,
 ) -> torch.Tensor:
     """Step minimising the quantization MSE over clipping fractions of max|x|.
 
@@ -99,7 +116,11 @@ def mse_optimal_step(
     """
     x = x.detach().float()
     rows = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
-    qmin, qmax = qrange(bits, signed)
+    qmin, full_max = qrange(bits, signed)
+    if qmax is not None and qmax != full_max:  # a narrowed grid (reduce_range): symmetric around zero
+        qmin = -qmax - 1 if signed else 0
+    else:
+        qmax = full_max
     top = rows.abs().amax(dim=1) if signed else rows.clamp(min=0).amax(dim=1)
     top = torch.where(top > 0, top, torch.ones_like(top))
     err = torch.full_like(top, float("inf"))
@@ -120,3 +141,29 @@ def max_step(x: torch.Tensor, bits: int, signed: bool, per_channel: bool) -> tor
     top = torch.where(top > 0, top, torch.ones_like(top))
     step = top / qrange(bits, signed)[1]
     return step if per_channel else step[0]
+
+
+def mse_optimal_asymmetric(x: torch.Tensor, bits: int, n_grid: int = 25) -> tuple[torch.Tensor, int]:
+    """(step, zero point) of an unsigned ``bits`` grid with a zero point for data of both signs.
+
+    The clipping range [alpha * min, alpha * max] is searched on the same
+    coarse-then-fine grid of ``alpha`` as :func:`mse_optimal_step`;
+    ``s = (hi - lo) / q_max`` and ``z = round(-lo / s)`` (zero stays exact).
+    """
+    x = x.detach().float().reshape(-1)
+    qmax = 2**bits - 1
+    low, high = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
+    if high - low <= 0:
+        return torch.tensor(1.0), 0
+
+    def error(alpha: float) -> tuple[float, float, int]:
+        step = alpha * (high - low) / qmax
+        zero = int(min(max(round(-alpha * low / step), 0), qmax))
+        codes = torch.clamp(torch.round(x / step) + zero, 0, qmax)
+        return float((step * (codes - zero) - x).pow(2).mean()), step, zero
+
+    coarse = [i / n_grid for i in range(1, n_grid + 1)]
+    best = min((error(a) + (a,) for a in coarse), key=lambda r: r[0])
+    fine = [min(max(best[3] + (i - n_grid // 2) / n_grid**2, 1.0 / n_grid**2), 1.0) for i in range(n_grid)]
+    best = min([best] + [error(a) + (a,) for a in fine], key=lambda r: r[0])
+    return torch.tensor(best[1]), best[2]

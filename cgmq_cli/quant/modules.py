@@ -32,7 +32,16 @@ ACT_CALIBRATION_SAMPLES = 1 << 18
 
 
 class GatedQuantizer(nn.Module):
-    """Fake-quantizer of one tensor (a layer's weight or its input activation)."""
+    """Fake-quantizer of one tensor (a layer's weight, or an activation tensor read by one or more ops).
+
+    ``signedness`` of activations: ``auto`` (unsigned grid when calibration
+    data is never negative, else the signed one), ``unsigned``, ``signed``, or
+    ``asymmetric`` (the unsigned grid, with an integer zero point learned per
+    width when the data has both signs: ``x_q = s * (q - z)``, the uint8 form
+    onnxruntime's integer kernels take). ``reduced`` narrows 8-bit weights to
+    [-64, 63] (see :func:`cgmq_cli.quant.functional.qrange`); ``upper`` is a
+    known upper bound of the tensor (e.g. 6 after ReLU6) that caps the range.
+    """
 
     def __init__(
         self,
@@ -40,6 +49,8 @@ class GatedQuantizer(nn.Module):
         allowed: Sequence[int],
         channels: int | None = None,
         signedness: str = "auto",
+        reduced: bool = False,
+        upper: float | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("weight", "act"):
@@ -48,13 +59,17 @@ class GatedQuantizer(nn.Module):
         self.allowed = tuple(sorted(set(int(b) for b in allowed)))
         self.per_channel = channels is not None
         self.signedness = "signed" if kind == "weight" else signedness
+        self.reduced = bool(reduced) and kind == "weight"
+        self.upper = upper
         shape = (channels,) if channels is not None else ()
-        self.steps = nn.ParameterDict(
-            {str(b): nn.Parameter(torch.zeros(shape)) for b in self.allowed if b < F.FLOAT_BITS}
-        )
+        widths = [b for b in self.allowed if b < F.FLOAT_BITS]
+        self.steps = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(shape)) for b in widths})
+        self.zero_points = nn.ParameterDict(
+            {str(b): nn.Parameter(torch.zeros(())) for b in widths} if self.signedness == "asymmetric" else {})
         self.gate = nn.Parameter(torch.tensor(math.log2(self.allowed[-1])), requires_grad=False)
         self.down_probe = nn.Parameter(torch.tensor(0.0), requires_grad=False)
-        self.register_buffer("signed", torch.tensor(self.signedness != "unsigned"))
+        self.register_buffer("signed", torch.tensor(self.signedness == "signed"))
+        self.register_buffer("has_zero_point", torch.tensor(False))  # asymmetric and the data has both signs
         self.probing = False
 
     # -- width -----------------------------------------------------------------
@@ -84,19 +99,40 @@ class GatedQuantizer(nn.Module):
     def is_signed(self) -> bool:
         return bool(self.signed)
 
+    def grid(self, bits: int) -> tuple[int, int]:
+        """The integer codes [qmin, qmax] of a width (before the zero point)."""
+        return F.qrange(bits, self.is_signed, self.reduced)
+
     def step(self, bits: int) -> torch.Tensor:
         """The positive step of a width. Steps are stored as log(s), so that an
-        optimiser's learning rate is a relative change and s can never reach zero."""
-        return self.steps[str(bits)].exp()
+        optimiser's learning rate is a relative change and s can never reach zero.
+        With ``upper`` the range ``s * q_max`` stays (just) inside [0, upper]."""
+        step = self.steps[str(bits)].exp()
+        if self.upper is not None:
+            step = torch.clamp(step, max=self.upper / self.grid(bits)[1] * (1 - 1e-6))
+        return step
+
+    def zero_point(self, bits: int) -> torch.Tensor:
+        """The integer zero point of a width (0 without one); straight-through rounded."""
+        if not bool(self.has_zero_point) or str(bits) not in self.zero_points:
+            return torch.zeros(())
+        qmin, qmax = self.grid(bits)
+        return torch.clamp(F.round_ste(self.zero_points[str(bits)]), qmin, qmax)
+
+    def zero_point_value(self, bits: int) -> int:
+        return int(self.zero_point(bits).detach())
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         """Q_bits(x): fake-quantized values on the width's integer grid (STE, LSQ)."""
         if bits >= F.FLOAT_BITS:
             return x
-        qmin, qmax = F.qrange(bits, self.is_signed)
+        qmin, qmax = self.grid(bits)
         step = self.step(bits)
         per_step = x.numel() // max(step.numel(), 1)
         step = F.scale_grad(step, F.lsq_grad_factor(per_step, qmax))
+        if bool(self.has_zero_point):
+            z = self.zero_point(bits).to(x.device)
+            return F.fake_quant(x, step, qmin - z, qmax - z)
         return F.fake_quant(x, F.channel_view(step, x.ndim), qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,13 +162,16 @@ class GatedQuantizer(nn.Module):
     # -- calibration -----------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
-        """Initialise every width's step by minimising the quantization MSE on ``x``.
+        """Initialise every width's step (and zero point) by minimising the quantization MSE on ``x``.
 
         ``x`` is the weight itself, or a calibration batch of inputs (flattened
         and subsampled to a fixed size). With signedness "auto", activations that
-        were never negative get the unsigned grid.
+        were never negative get the unsigned grid; with "asymmetric" they get a
+        zero point of 0 (and no zero point is learned) unless the data has both signs.
         """
         x = x.detach().float()
+        if self.upper is not None:
+            x = x.clamp(max=self.upper)
         if self.kind == "act":
             x = x.reshape(-1)
             if x.numel() > ACT_CALIBRATION_SAMPLES:
@@ -141,10 +180,17 @@ class GatedQuantizer(nn.Module):
                 x = x[idx.to(x.device)]
             if self.signedness == "auto":
                 self.signed.fill_(bool((x < 0).any()))
+            # asymmetric: a zero point only for data of both signs; else the plain unsigned grid
+            self.has_zero_point.fill_(self.signedness == "asymmetric" and bool((x < 0).any()))
         for key, param in self.steps.items():
-            step = F.mse_optimal_step(x, int(key), self.is_signed, self.per_channel)
+            if bool(self.has_zero_point):
+                step, zero = F.mse_optimal_asymmetric(x, int(key))
+                self.zero_points[key].fill_(float(zero))
+            else:
+                step = F.mse_optimal_step(x, int(key), self.is_signed, self.per_channel, qmax=self.grid(int(key))[1])
             param.copy_(step.log().to(param.device).reshape(param.shape))
 
     def extra_repr(self) -> str:
         grain = "per-channel" if self.per_channel else "per-tensor"
-        return f"{self.kind}, bits={self.bits}, allowed={self.allowed}, {grain}, signed={self.is_signed}"
+        zero = ", zero point" if bool(self.has_zero_point) else ""
+        return f"{self.kind}, bits={self.bits}, allowed={self.allowed}, {grain}, signed={self.is_signed}{zero}"

@@ -288,18 +288,18 @@ def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path)
             check_budget(qm, budget, profile)
         except InfeasibleBudgetError:
             return
-        tensors = cgmq.free_tensors(qm.quantizers())
+        tensors = cgmq.free_tensors(qm)
         costs = cgmq.CostModel(qm.shapes, budget, None)
         qm.set_probing(True)
         for _ in range(5):
             nn.functional.cross_entropy(qm.gm(x), y).backward()
-            cgmq.gate_step(tensors, costs, qm.bits(), eta=0.2, r=1.5)
+            cgmq.gate_step(tensors, costs, qm.widths(), eta=0.2, r=1.5)
             for t in tensors:
                 t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
         qm.set_probing(False)
         probe = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731
-        bits, _ = cgmq.repair(tensors, costs, qm.bits(), probe)
+        bits, _ = cgmq.repair(tensors, costs, qm.widths(), probe)
         bits, _ = cgmq.fill(tensors, costs, bits, probe)
-        assert budget.is_satisfied_by(qm.cost()) and bits == qm.bits()
+        assert budget.is_satisfied_by(qm.cost()) and bits == qm.widths()
 
     check()

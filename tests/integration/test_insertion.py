@@ -141,8 +141,8 @@ def _graph_facts(gm: fx.GraphModule) -> dict:
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_LINEAR]
     for node in calls:  # every conv/linear reads quantized operands
         x, w = node.args[0], node.args[1]
-        assert x.op == "call_module" and x.target.startswith("cgmq.") and x.target.endswith(".act"), node
-        assert w.op == "call_module" and w.target.startswith("cgmq.") and w.target.endswith(".weight"), node
+        assert x.op == "call_module" and x.target.startswith("cgmq.a_"), node
+        assert w.op == "call_module" and w.target.startswith("cgmq.w_"), node
     return {"bn": len(bn_calls), "float_layers": len(float_modules), "calls": len(calls)}
 
 
@@ -193,11 +193,13 @@ def test_resnet18_insertion_fold_and_parity(coarse_mse_search) -> None:
     facts = _graph_facts(qm.gm)
     assert len(qm.layers) == 21  # 20 convs (incl. 3 downsample) + fc
     assert facts == {"bn": 0, "float_layers": 0, "calls": 21}
-    assert sum(len(layer.calls) for layer in qm.layers) == 21
     assert [layer.op for layer in qm.layers].count("linear") == 1
     assert qm.layers[0].name == "conv1" and qm.layers[0].takes_network_input
     assert sum(layer.takes_network_input for layer in qm.layers) == 1
-    assert qm.allowed()["conv1"] == ((16, 32), (16,))  # input width fixed by input_bits
+    assert qm.allowed()["w_conv1"] == (16, 32) and qm.allowed()["a_x"] == (16,)  # input width: input_bits
+    # one quantizer per tensor: a stage's conv1 and downsample read one input quantizer
+    by_name = {layer.name: layer for layer in qm.layers}
+    assert by_name["layer2.0.conv1"].act_keys == by_name["layer2.0.downsample.0"].act_keys
     # BN folded: every conv now has a bias
     assert all(layer.bias_params > 0 for layer in qm.layers)
 
@@ -219,6 +221,7 @@ def test_cat_model() -> None:
     qm, _ = _check_parity(_randomise_bn(CatNet()), (3, 8, 8))
     assert [layer.name for layer in qm.layers] == ["a", "b", "mix", "head"]
     assert [layer.takes_network_input for layer in qm.layers] == [True, True, False, False]
+    assert qm.layers[0].act_keys == qm.layers[1].act_keys == ("a_x",)  # both branches read the input
     assert _graph_facts(qm.gm) == {"bn": 0, "float_layers": 0, "calls": 4}
     macs = {s.name: s.macs for s in qm.shapes}
     assert macs == {"a": 4 * 64 * 27, "b": 6 * 64 * 3, "mix": 8 * 64 * 10, "head": 40}
@@ -243,18 +246,19 @@ def test_functional_layers_with_parameter_weights() -> None:
 
 
 def test_module_reused_twice() -> None:
+    """One Linear called on two tensors: one weight quantizer (stored once), one input quantizer per call."""
     qm, _ = _check_parity(ReuseNet(), (12,))
-    assert [layer.name for layer in qm.layers] == ["shared", "out"]
-    shared = qm.layers[0]
-    assert len(shared.calls) == 2
-    assert len(qm.quantizers()) == 2  # one pair for the shared layer
-    assert len(passes.quantizers(qm.gm)) == 2
+    assert [layer.name for layer in qm.layers] == ["shared", "shared#1", "out"]
+    assert qm.layers[0].weight_key == qm.layers[1].weight_key == "w_shared"
+    assert qm.layers[0].act_keys != qm.layers[1].act_keys
+    assert [layer.params for layer in qm.layers] == [144, 0, 36]  # the shared weight's bytes count once
+    assert len(passes.quantizers(qm.gm)) == 5  # 2 weights + 3 input tensors
     macs = {s.name: s.macs for s in qm.shapes}
-    assert macs == {"shared": 2 * 144, "out": 36}
+    assert macs == {"shared": 144, "shared#1": 144, "out": 36}
     facts = _graph_facts(qm.gm)
     assert facts["calls"] == 3
     targets = [n.args[1].target for n in qm.gm.graph.nodes if n.op == "call_function" and n.target is Fn.linear]
-    assert targets.count("cgmq.shared.weight") == 2
+    assert targets.count("cgmq.w_shared") == 2
 
 
 def test_grouped_and_depthwise_with_bn() -> None:

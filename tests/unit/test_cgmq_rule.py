@@ -40,42 +40,42 @@ def test_unit_vector_and_direction() -> None:
 
 def test_costly_layer_loses_bits_first() -> None:
     qm = _prepared()
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=5.0), None)
     for step in range(100):  # no loss signal: the cost term alone moves the gates
         for t in tensors:
             t.quantizer.gate.grad = torch.tensor(0.0)
-        cgmq.gate_step(tensors, costs, qm.bits(), eta=0.05, r=1.5)
+        cgmq.gate_step(tensors, costs, qm.widths(), eta=0.05, r=1.5)
         if qm.bits()["big"][0] < 32:
             break
     assert qm.bits()["big"] == (16, 8) and step < 20
     assert qm.bits()["small"] == (32, 32)  # the cheap layer has not changed width yet
-    big_gate = next(t for t in tensors if t.layer == "big").quantizer.gate
-    small_gate = next(t for t in tensors if t.layer == "small").quantizer.gate
+    big_gate = next(t for t in tensors if t.key == "w_big").quantizer.gate
+    small_gate = next(t for t in tensors if t.key == "w_small").quantizer.gate
     assert (5 - float(big_gate)) > 3 * (5 - float(small_gate)) > 0
 
 
 def test_loss_term_raises_bits_when_budget_met() -> None:
     qm = _prepared()
     qm.set_bits({"big": (4, 8), "small": (4, 4)})
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0), None)
     for _ in range(30):
         for t in tensors:  # more bits lower the loss everywhere
             t.quantizer.gate.grad = torch.tensor(-1.0)
-        cgmq.gate_step(tensors, costs, qm.bits(), eta=0.05, r=1.5)
+        cgmq.gate_step(tensors, costs, qm.widths(), eta=0.05, r=1.5)
     assert qm.bits()["big"][0] > 4 and all(b > 4 for b in qm.bits()["small"])
 
 
 def test_repair_then_fill_ends_feasible_and_uses_budget() -> None:
     qm = _prepared()
     budget = Budget(rel_bops=3.0)
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, budget, None)
     flat = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731 - every move equally useful
-    bits, repaired = cgmq.repair(tensors, costs, qm.bits(), flat)
+    bits, repaired = cgmq.repair(tensors, costs, qm.widths(), flat)
     assert repaired and not costs.violated(bits)
-    assert bits == qm.bits()
+    assert bits == qm.widths()
     bits, filled = cgmq.fill(tensors, costs, bits, flat)
     assert not costs.violated(bits)
     # after fill no single doubling fits any more
@@ -88,30 +88,30 @@ def test_repair_then_fill_ends_feasible_and_uses_budget() -> None:
 def test_repair_prefers_cheapest_predicted_loss() -> None:
     qm = _prepared()
     qm.set_bits({"big": (8, 8), "small": (8, 8)})  # all at 8x8: 6.25 % relative BOPs
-    tensors = cgmq.free_tensors(qm.quantizers())
-    big_w = next(t for t in tensors if t.layer == "big" and t.side == 0)
+    tensors = cgmq.free_tensors(qm)
+    big_w = next(t for t in tensors if t.key == "w_big")
     # halving big's weight is predicted to be free, every other move expensive
     probe = lambda: {t.quantizer: (0.0, 0.0 if t is big_w else 10.0) for t in tensors}  # noqa: E731
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=6.2), None)
-    _, moves = cgmq.repair(tensors, costs, qm.bits(), probe)
-    assert moves[0].layer == "big" and moves[0].side == 0 and moves[0].new == 4
+    _, moves = cgmq.repair(tensors, costs, qm.widths(), probe)
+    assert moves[0].tensor == "w_big" and moves[0].label == "weight of big" and moves[0].new == 4
 
 
 def test_constraint_repair_reaches_budget() -> None:
     qm = _prepared()
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
-    bits = cgmq.constraint_repair(tensors, costs, qm.bits, eta=0.05)
+    bits = cgmq.constraint_repair(tensors, costs, qm.widths, eta=0.05)
     assert not costs.violated(bits)
 
 
 def test_weight_bytes_gradient_ignores_activations() -> None:
     qm = _prepared()
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=1000), None)
-    grad = costs.gradient("weight_bytes", tensors, qm.bits())
+    grad = costs.gradient("weight_bytes", tensors, qm.widths())
     for t, g in zip(tensors, grad.tolist()):
-        assert (g > 0) if t.side == 0 else (g == 0)
+        assert (g > 0) if t.quantizer.kind == "weight" else (g == 0)
 
 
 def test_cost_table_gradient_is_the_slope_to_the_next_width() -> None:
@@ -119,9 +119,9 @@ def test_cost_table_gradient_is_the_slope_to_the_next_width() -> None:
     table = {(bw, ba): bw * ba / 64 + 1.0 for bw in (2, 4, 8, 16, 32) for ba in (2, 4, 8, 16, 32)}
     mac_cost = lambda bw, ba: table[(bw, ba)]  # noqa: E731
     qm.set_bits({"big": (8, 8), "small": (8, 8)})
-    tensors = cgmq.free_tensors(qm.quantizers())
+    tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(cost=1.0), mac_cost)
-    bits = qm.bits()
+    bits = qm.widths()
     grad = costs.gradient("cost", tensors, bits)
     here = costs.summary(bits).cost
     for t, g in zip(tensors, grad.tolist()):

@@ -83,12 +83,17 @@ def test_lenet5_reference_numbers() -> None:
 
 # ------------------------------------------------------ BOPs, bytes, extremes ---
 
-CONV = cost.LayerShape("conv", "conv2d", macs=21600, params=216, bias_params=8)
-FC = cost.LayerShape("fc", "linear", macs=100, params=100, bias_params=0)
+CONV = cost.LayerShape("conv", "conv2d", macs=21600, params=216, bias_params=8, weight_key="conv.w", act_key="conv.a")
+FC = cost.LayerShape("fc", "linear", macs=100, params=100, bias_params=0, weight_key="fc.w", act_key="fc.a")
+
+
+def _w(**pairs: tuple[int, int]) -> dict[str, int]:
+    """Per-layer (weight, input) widths as the cost model's quantizer widths."""
+    return {f"{name}.{side}": bits for name, pair in pairs.items() for side, bits in zip("wa", pair)}
 
 
 def test_summarize_bops_rel_bytes() -> None:
-    s = cost.summarize([CONV, FC], {"conv": (4, 8), "fc": (2, 16)})
+    s = cost.summarize([CONV, FC], _w(conv=(4, 8), fc=(2, 16)))
     conv, fc = s.layers
     assert conv.bops == 21600 * 32 and fc.bops == 100 * 32
     assert s.bops == 21600 * 32 + 3200
@@ -100,19 +105,19 @@ def test_summarize_bops_rel_bytes() -> None:
     assert s.weight_bytes == 165
     assert s.cost == s.bops  # without a cost table the cost is the BOPs
     assert s.as_dict()["rel_bops"] == s.rel_bops
-    full = cost.summarize([CONV, FC], {"conv": (32, 32), "fc": (32, 32)})
+    full = cost.summarize([CONV, FC], _w(conv=(32, 32), fc=(32, 32)))
     assert full.rel_bops == 100.0 and full.weight_bytes == 316 * 4 + 32
 
 
 def test_summarize_with_cost_table() -> None:
     table = {(4, 8): 0.5, (2, 16): 3.0}
-    s = cost.summarize([CONV, FC], {"conv": (4, 8), "fc": (2, 16)}, lambda bw, ba: table[(bw, ba)])
+    s = cost.summarize([CONV, FC], _w(conv=(4, 8), fc=(2, 16)), lambda bw, ba: table[(bw, ba)])
     assert s.cost == 21600 * 0.5 + 100 * 3.0
     assert s.bops == 21600 * 32 + 3200  # BOPs unchanged
 
 
 def test_extreme_cost() -> None:
-    allowed = {"conv": ((2, 4, 8), (8, 16)), "fc": ((4, 32), (2, 4))}
+    allowed = {"conv.w": (2, 4, 8), "conv.a": (8, 16), "fc.w": (4, 32), "fc.a": (2, 4)}
     lo = cost.extreme_cost([CONV, FC], allowed, lowest=True)
     hi = cost.extreme_cost([CONV, FC], allowed, lowest=False)
     assert [(l.bits_w, l.bits_a) for l in lo.layers] == [(2, 8), (4, 2)]
@@ -123,8 +128,17 @@ def test_extreme_cost() -> None:
     assert lo.bops < hi.bops
 
 
+def test_shared_input_sets_the_cost_of_every_reader() -> None:
+    """Two layers reading one tensor share its quantizer: its width enters both BOPs terms."""
+    a = cost.LayerShape("a", "conv2d", macs=1000, params=10, weight_key="a.w", act_key="x")
+    b = cost.LayerShape("b", "conv2d", macs=300, params=10, weight_key="b.w", act_key="x")
+    s = cost.summarize([a, b], {"a.w": 4, "b.w": 8, "x": 2})
+    assert [(l.bits_w, l.bits_a) for l in s.layers] == [(4, 2), (8, 2)]
+    assert s.bops == 1000 * 4 * 2 + 300 * 8 * 2
+
+
 def test_budget_violations_and_satisfaction() -> None:
-    s = cost.summarize([CONV, FC], {"conv": (4, 8), "fc": (2, 16)})  # bops 694400, bytes 165
+    s = cost.summarize([CONV, FC], _w(conv=(4, 8), fc=(2, 16)))  # bops 694400, bytes 165
     assert cost.Budget().is_satisfied_by(s) and cost.Budget().violations(s) == {}
     assert cost.Budget(bops=694400).is_satisfied_by(s)  # the limit itself is allowed
     over = cost.Budget(bops=694399, weight_bytes=200)

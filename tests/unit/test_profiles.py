@@ -83,7 +83,10 @@ def test_list_presets_matches_the_files_and_default_is_generic():
 
 def test_preset_contents():
     assert load_profile("int8-cpu").weight_bits == (8, 32)
-    assert load_profile("int8-cpu").act_signedness == "unsigned"
+    int8 = load_profile("int8-cpu")
+    assert int8.act_signedness == "asymmetric" and int8.reduce_range
+    assert int8.integer_ops == ("conv", "linear", "add", "concat", "pooling") and int8.integer_width == 8
+    assert load_profile("generic").integer_ops == () and not load_profile("generic").reduce_range
     assert load_profile("lowbit-accel").act_bits == (2, 4, 8)
     mcu = load_profile("mcu-8bit")
     assert (mcu.weight_bits, mcu.act_bits, mcu.default_budgets.weight_bytes) == ((2, 4, 8), (8,), 65536.0)

@@ -1,0 +1,94 @@
+"""Conv1d / Conv2d (grouped and depthwise included): one registry entry per dimensionality.
+
+    MACs = output elements per example x Cin/groups x kernel size
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from cgmq_cli.errors import TraceError
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, is_param_attr, layer_name, per_example, positional,
+                               shape_of)
+
+
+class _Conv(ComputeOp):
+    integer = "conv"
+    onnx_ops = ("Conv",)
+    functional_fn: Any = None
+
+    def functionalize(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            raise TraceError(f"layer `{node.target}` uses padding_mode={module.padding_mode!r}, which cgmq cannot quantize",
+                             "use zero padding, or keep its parent untraced with --leaf")
+        graph = gm.graph
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"{node.target}.weight")
+            b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            new = graph.call_function(self.functional_fn, (node.args[0], w, b, module.stride, module.padding,
+                                                           module.dilation, module.groups))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return new
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Call | None:
+        if node.op != "call_function" or node.target not in self.functions:
+            return None
+        weight = arg(node, 1, "weight")
+        if not is_param_attr(gm, weight):
+            return None
+        positional(node, ("input", "weight", "bias"))
+        groups = arg(node, 6, "groups", 1)
+        shape = shape_of(weight)
+        op = self.name
+        if self.name == "conv2d" and isinstance(groups, int) and groups > 1 and shape and shape[1] == 1:
+            op = "depthwise"
+        return Call(node=node, kind=self, layer=layer_name(weight.target), op=op, weight=weight,
+                    inputs=(arg(node, 0, "input"),), bias=arg(node, 2, "bias"))
+
+    def macs(self, call: Call) -> int:
+        w = shape_of(call.weight)
+        return per_example(shape_of(call.node)) * int(torch.Size(w[1:]).numel())
+
+    # -- ONNX ------------------------------------------------------------------
+    def export_weight(self, rw: Any, node: Any, mark: Any) -> bool:
+        """Conv reads ``[Cout, Cin/g, k...]`` codes, per output channel (axis 0), and its float bias."""
+        out = node.output[0]
+        user = rw.sole_consumer(out, mark)
+        if user.op_type != "Conv" or user.input[1] != out:
+            return False
+        rw.compute_node(user, mark)
+        rw.replace[id(node)] = rw.weight_nodes(mark, out, transposed=False)
+        if mark.bias is not None and (len(user.input) < 3 or not user.input[2]):
+            del user.input[2:]  # torch.onnx dropped an all-zero bias: restore it
+            user.input.append(rw.bias_init(mark))
+        return True
+
+    def read(self, g: Any, node: Any, batch: int) -> Read | None:
+        if node.op_type != "Conv":
+            return None
+        w = g.shapes.get(node.input[1])
+        k = int(torch.Size(w[1:]).numel()) if w and None not in w else None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return Read(act=node.input[0], weight=node.input[1], macs=g.macs(node, k, batch), bias=bias)
+
+
+class Conv1d(_Conv):
+    name = "conv1d"
+    profile_kind = "conv1d"
+    modules = (nn.Conv1d,)
+    functional_fn = F.conv1d
+    functions = (F.conv1d, torch.conv1d, aten.conv1d.default)
+
+
+class Conv2d(_Conv):
+    name = "conv2d"
+    profile_kind = "conv"
+    modules = (nn.Conv2d,)
+    functional_fn = F.conv2d
+    functions = (F.conv2d, torch.conv2d, aten.conv2d.default)
