@@ -231,7 +231,8 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, record: bool = True) -> "RunLock":
+        """Take the lock (or fail with one line naming the holder); ``record`` writes this pid into the file."""
         import fcntl
 
         path = self.run_dir / LOCK
@@ -251,9 +252,10 @@ class RunLock:
                                  + (f" (pid {holder})" if holder.isdigit() else ""),
                                  "wait until it finishes, or choose another --out") from None
             raise os_error(exc, self.run_dir, "lock the run directory") from None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if record:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -306,7 +308,7 @@ def check_new_run(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Non
             if _inside(item, path):
                 raise UsageError(f"{path} holds {item}, an input of this run; refusing to replace it even with --force",
                                  "move the input out of the run directory, or choose another --out")
-        RunLock(path).acquire().release()  # in use by another process: say so now, before any work
+        RunLock(path).acquire(record=False).release()  # in use by another process: say so now, before any work
     _check_writable(path)
 
 

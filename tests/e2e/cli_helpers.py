@@ -11,6 +11,9 @@ from cgmq_cli.cli import app
 
 ARCH = "cgmq_cli.models:DigitsCNN"
 FAST = ["--data", "digits", "--epochs", "1", "--subset", "256", "--gate-steps", "5", "--batch-size", "64"]
+# No 8-bit x 8-bit layer: onnxruntime's integer kernels saturate on some CPUs (a known, separate issue), and these
+# runs are exported in tests whose subject is not parity.
+NO_INT8 = ["--weight-bits", "2,4,16,32", "--act-bits", "4,16,32"]
 runner = CliRunner()
 
 
@@ -41,6 +44,8 @@ def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, in
         dirs[:] = [d for d in dirs if (here / d).resolve() not in skip_resolved]
         for name in files + [d for d in dirs if (here / d).is_symlink()]:
             path = here / name
+            if path.resolve() in skip_resolved:
+                continue
             info = path.lstat()
             out[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns)
     return out

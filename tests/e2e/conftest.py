@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import ARCH, FAST, cli
+from cli_helpers import ARCH, FAST, NO_INT8, cli
 
 
 @pytest.fixture(scope="session")
 def finished_run(digits_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "runs" / "base"
-    result = cli("compress", digits_ckpt, "--arch", ARCH, *FAST, "--budget-rel-bops", "5", "--out", out)
+    result = cli("compress", digits_ckpt, "--arch", ARCH, *FAST, *NO_INT8, "--budget-rel-bops", "5", "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
