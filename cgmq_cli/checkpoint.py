@@ -79,12 +79,12 @@ def import_object(spec: str, flag: str = "--arch") -> Any:
     """Import ``package.module:Name`` or ``path/to/file.py:Name`` (errors name ``flag``)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise CheckpointError(f"{flag} {cut(spec)}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
-    with guard_user_code(f"{flag} {cut(spec)}: importing {cut(target)}"):
+        raise CheckpointError(f"{flag} {cut(spec, 200)}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
+    with guard_user_code(f"{flag} {cut(spec, 200)}: importing {cut(target, 200)}"):
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CheckpointError(f"{flag} {cut(spec)}: file {path} not found")
+                raise CheckpointError(f"{flag} {cut(spec, 200)}: file {path} not found")
             mod_spec = importlib.util.spec_from_file_location(f"cgmq_arch_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[mod_spec.name] = module
@@ -93,11 +93,11 @@ def import_object(spec: str, flag: str = "--arch") -> Any:
             try:
                 module = importlib.import_module(target)
             except ModuleNotFoundError as exc:
-                raise CheckpointError(f"{flag} {cut(spec)}: cannot import {cut(target)}: "
+                raise CheckpointError(f"{flag} {cut(spec, 200)}: cannot import {cut(target, 200)}: "
                                       f"ModuleNotFoundError: {cut(str(exc), 120)}") from None
     if not hasattr(module, name):
         close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
-        raise CheckpointError(f"{flag} {cut(spec)}: {cut(target)} has no attribute {cut(name)}",
+        raise CheckpointError(f"{flag} {cut(spec, 200)}: {cut(target, 200)} has no attribute {cut(name)}",
                               f"did you mean {target}:{close[0]}?" if close else None)
     return getattr(module, name)
 
@@ -119,10 +119,10 @@ def build_arch(spec: str, num_classes: int | None = None) -> nn.Module:
             kwargs["init_weights"] = False
         return torchvision.models.get_model(name, weights=None, **kwargs)
     factory = import_object(spec)
-    with guard_user_code(f"--arch {cut(spec)}: calling {cut(getattr(factory, '__name__', factory))}()"):
+    with guard_user_code(f"--arch {cut(spec, 200)}: calling {cut(getattr(factory, '__name__', factory))}()"):
         model = factory()
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--arch {cut(spec)} did not produce an nn.Module (got {type(model).__name__})")
+        raise CheckpointError(f"--arch {cut(spec, 200)} did not produce an nn.Module (got {type(model).__name__})")
     return model
 
 

@@ -66,6 +66,12 @@ def short(value: Any, limit: int = 60) -> str:
 
 
 def cut(text: Any, limit: int = 60) -> str:
-    """``text`` escaped like :func:`clean` and cut to ``limit`` characters (no quotes: for names in messages)."""
+    """``text`` escaped like :func:`clean`, at most ``limit`` characters (no quotes: for names in messages).
+
+    A longer text keeps its start and its end (a path keeps its file name): ``/very/lo...ther/net.py``.
+    """
     text = clean(text)
-    return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."
+    if len(text) <= limit:
+        return text
+    head = max((limit - 3) // 2, 1)
+    return text[:head] + "..." + text[-max(limit - 3 - head, 1):]
