@@ -136,7 +136,12 @@ def comparison_table(reports: Sequence[dict]) -> Table:
 
 
 def plot(reports: Sequence[dict], path: Path) -> None:
-    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run."""
+    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run.
+
+    An existing file is replaced only when it is a PNG image (never report.json or another file of yours).
+    """
+    if path.is_symlink() or path.is_dir() or (path.exists() and path.open("rb").read(8) != b"\x89PNG\r\n\x1a\n"):
+        raise UsageError(f"--plot {path} exists and is not a PNG image; refusing to replace it", "choose another path")
     try:
         import matplotlib
 

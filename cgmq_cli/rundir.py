@@ -233,7 +233,10 @@ class RunLock:
 
     def acquire(self, record: bool = True) -> "RunLock":
         """Take the lock (or fail with one line naming the holder); ``record`` writes this pid into the file."""
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: runs are not locked (README, Limitations)
+            return self
 
         path = self.run_dir / LOCK
         try:
@@ -663,8 +666,10 @@ class RunLog:
         self.path = path
 
     def write(self, line: str) -> None:
+        from cgmq_cli.sanitize import clean
+
         try:
-            self.fh.write(line.rstrip("\n") + "\n")
+            self.fh.write(clean(line.rstrip("\n")) + "\n")
         except OSError as exc:
             raise os_error(exc, self.path) from None
 

@@ -196,6 +196,16 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.parametrize("name", ["report.json", "notes.txt"])
+def test_report_plot_never_replaces_other_files(run_copy: Path, name: str) -> None:
+    target = run_copy / name
+    if not target.exists():
+        target.write_text("mine")
+    before = snapshot(run_copy)
+    one_line_error(cli("report", run_copy, "--plot", target), EXIT_BAD_INPUT, "not a PNG image")
+    assert snapshot(run_copy) == before
+
+
 def test_demo_never_overwrites_its_float_folder_without_force(tmp_path: Path) -> None:
     out = tmp_path / "D"
     float_dir = tmp_path / "D-float"
