@@ -33,16 +33,10 @@ class ModelRequest:
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """``"1,3,224,224"`` -> (1, 3, 224, 224); positive integers only."""
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        dims = ()
-    if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape {text!r}: expected positive integers with the batch first, e.g. 1,3,224,224")
-    return dims
+    """``"1,3,224,224"`` -> (1, 3, 224, 224); positive integers, bounded size (see settings.parse_shape)."""
+    from cgmq_cli.settings import parse_shape
+
+    return parse_shape(text, "--input-shape")
 
 
 def sample_shape_for(request: ModelRequest, source: checkpoint.ModelSource) -> tuple[int, ...]:
@@ -90,9 +84,13 @@ class InspectResult:
 
 def inspect(request: ModelRequest, profile_spec: str | None = None) -> InspectResult:
     """The quantizable layers of a model with their MACs and parameters."""
+    from cgmq_cli.settings import check_elements
+
+    profile = load_profile(profile_spec)
     model, source = load(request)
     shape = sample_shape_for(request, source)
-    qm = prepare(model, shape, request.leaves, load_profile(profile_spec))
+    check_elements(tuple(shape), "the example input")
+    qm = prepare(model, shape, request.leaves, profile)
     summary = qm.cost()
     layers = [{"name": s.name, "op": s.op, "macs": s.macs, "params": s.params} for s in qm.shapes]
     totals = {"macs": summary.macs, "params": summary.params, "bops_fp32": summary.bops_fp32}

@@ -22,7 +22,9 @@ class BudgetValueError(UsageError):
     """A budget that is not a positive finite number (or above its metric's upper bound)."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
-        super().__init__(f"budget {key} = {value!r}: {allowed}")
+        from cgmq_cli.sanitize import short
+
+        super().__init__(f"budget {key} = {short(value)}: {allowed}")
         self.key, self.value, self.allowed = key, value, allowed
 
 

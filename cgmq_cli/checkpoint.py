@@ -12,11 +12,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
-import logging
-import pickle
-import re
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +20,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from cgmq_cli import safe_load
 from cgmq_cli.errors import CheckpointError
+from cgmq_cli.safe_load import guard_user_code
+from cgmq_cli.sanitize import cut
 
 TORCHVISION = "torchvision:"
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -40,6 +39,7 @@ class ModelSource:
     sha256: str | None = None
     kind: str = "state_dict"  # "state_dict" | "pt2" | "torchvision" | "pickle"
     sample_shape: tuple[int, ...] | None = None  # one example's shape, when the file records it
+    fixed_batch: int | None = None  # a .pt2 exported with a static batch size (not recorded in config.json)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "arch": self.arch, "trusted": self.trusted, "sha256": self.sha256,
@@ -54,79 +54,50 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return []
-
-
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"model file not found: {path}", "check the path, or use torchvision:NAME for a stock model")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a model file", "pass the checkpoint file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file", "pass the checkpoint file itself")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes)", "the file was not written completely; save the model again")
 
 
-def _unreadable(path: Path, exc: Exception, detail: str | None = None) -> CheckpointError:
-    first = detail or (str(exc).splitlines()[0][:120] if str(exc) else "")
-    return CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format)",
-                           f"torch.load said: {type(exc).__name__}: {first}")
-
-
-def _safe_load(path: Path, trusted: bool) -> Any:
-    """torch.load with weights_only=True; pickled objects only when trusted."""
-    names = _zip_names(path)
-    if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
-        raise CheckpointError(f"{path} is a TorchScript archive, which cgmq does not support",
-                              "save a state_dict (torch.save(model.state_dict(), ...)) with --arch, or a .pt2 (torch.export.save)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        bad_op = re.search(r"Unsupported operand \d+", str(exc))
-        if bad_op:  # not a pickle stream that torch.save writes: garbage bytes or another format
-            raise _unreadable(path, exc, bad_op.group(0)) from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = found.group(1) if found else "arbitrary Python objects"
-        if not trusted:
-            raise CheckpointError(
-                f"{path} contains a pickled Python object ({what}); unpickling it could run code from the file, so cgmq refuses",
-                "save model.state_dict() and pass --arch, or pass --trust-checkpoint if you trust this file",
-            ) from None
-    except Exception as exc:  # corrupt archive, garbage bytes, truncated zip
-        raise _unreadable(path, exc) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} could not be unpickled: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
+def is_user_code(spec: str | None) -> bool:
+    """Whether importing ``spec`` (an --arch, --loss or --data spec) runs code outside cgmq, torch and torchvision."""
+    if not spec or spec.startswith(TORCHVISION) or ":" not in spec:
+        return False
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py") or "/" in target:
+        return True
+    return target.split(".")[0] not in ("cgmq_cli", "torch", "torchvision")
 
 
 def import_object(spec: str, flag: str = "--arch") -> Any:
     """Import ``package.module:Name`` or ``path/to/file.py:Name`` (errors name ``flag``)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise CheckpointError(f"{flag} {spec}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
-    try:
+        raise CheckpointError(f"{flag} {cut(spec, 200)}: expected package.module:Name, path/to/file.py:Name or torchvision:NAME")
+    with guard_user_code(f"{flag} {cut(spec, 200)}: importing {cut(target, 200)}"):
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CheckpointError(f"{flag} {spec}: file {path} not found")
+                raise CheckpointError(f"{flag} {cut(spec, 200)}: file {path} not found")
             mod_spec = importlib.util.spec_from_file_location(f"cgmq_arch_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[mod_spec.name] = module
             mod_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{flag} {spec}: cannot import {target}: {type(exc).__name__}: {exc}") from None
+            try:
+                module = importlib.import_module(target)
+            except ModuleNotFoundError as exc:
+                raise CheckpointError(f"{flag} {cut(spec, 200)}: cannot import {cut(target, 200)}: "
+                                      f"ModuleNotFoundError: {cut(str(exc), 120)}") from None
     if not hasattr(module, name):
         close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
-        raise CheckpointError(f"{flag} {spec}: {target} has no attribute {name}",
+        raise CheckpointError(f"{flag} {cut(spec, 200)}: {cut(target, 200)} has no attribute {cut(name)}",
                               f"did you mean {target}:{close[0]}?" if close else None)
     return getattr(module, name)
 
@@ -148,12 +119,10 @@ def build_arch(spec: str, num_classes: int | None = None) -> nn.Module:
             kwargs["init_weights"] = False
         return torchvision.models.get_model(name, weights=None, **kwargs)
     factory = import_object(spec)
-    try:
+    with guard_user_code(f"--arch {cut(spec, 200)}: calling {cut(getattr(factory, '__name__', factory))}()"):
         model = factory()
-    except Exception as exc:
-        raise CheckpointError(f"--arch {spec}: calling {factory!r}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--arch {spec} did not produce an nn.Module (got {type(model).__name__})")
+        raise CheckpointError(f"--arch {cut(spec, 200)} did not produce an nn.Module (got {type(model).__name__})")
     return model
 
 
@@ -200,9 +169,10 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     _check_file(path)
     digest = file_sha256(path)
     if path.suffix == ".pt2":
-        module, shape = _load_pt2(path)
-        return module, ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2", sample_shape=shape)
-    obj = _safe_load(path, trust)
+        module, shape, batch = _load_pt2(path, trust)
+        return module, ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2", sample_shape=shape,
+                                   fixed_batch=batch)
+    obj = safe_load.load_torch_file(path, trust)
     if isinstance(obj, nn.Module):
         return obj.eval(), ModelSource(model=str(path.resolve()), trusted=True, sha256=digest, kind="pickle")
     state = _extract_state(obj)
@@ -217,23 +187,28 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     return model.eval(), ModelSource(model=str(path.resolve()), arch=arch, sha256=digest, kind="state_dict")
 
 
-def _load_pt2(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """The program's module and the shape of one example of its first input."""
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.CRITICAL)  # torch.export.load logs a full traceback for an unreadable file
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
-    finally:
-        export_log.setLevel(level)
+def _load_pt2(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...] | None, int | None]:
+    """The program's module, the shape of one example of its first input, and its batch size when fixed."""
+    program = safe_load.load_pt2(path, trust)
     args = program.example_inputs[0] if program.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
-    module = program.module()
+    with guard_user_code(f"building the module of {path}"):
+        module = program.module()
     # ExportedProgram.module() makes train()/eval() raise NotImplementedError through instance
     # attributes (the graph's ops are fixed either way); cgmq only needs the mode flag to toggle.
     for name in ("train", "eval"):
         module.__dict__.pop(name, None)
-    return module, shape
+    return module, shape, _fixed_batch(program)
+
+
+def _fixed_batch(program: Any) -> int | None:
+    """The batch size of the program's first user input when it is a plain integer (not dynamic)."""
+    users = list(getattr(program.graph_signature, "user_inputs", ()))
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and users and node.name == users[0]:
+            value = node.meta.get("val")
+            size = getattr(value, "shape", None)
+            if size is not None and len(size) and isinstance(size[0], int):
+                return int(size[0])
+            return None
+    return None

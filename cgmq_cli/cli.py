@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -21,10 +19,13 @@ from torch import nn
 from typer.core import TyperGroup
 
 from cgmq_cli import __version__, api, checks, render, rundir, settings
+from cgmq_cli import compress as compress_mod
 from cgmq_cli.compress import CompressSettings
 from cgmq_cli.compress import compress as run_compress
 from cgmq_cli.cost import Budget
-from cgmq_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError, UsageError
+from cgmq_cli.sanitize import clean
+from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError,
+                             InterruptedRun, UsageError, os_error)
 from cgmq_cli.trainer import TrainConfig
 
 
@@ -52,8 +53,40 @@ def _click_flow() -> tuple[type[BaseException], ...]:
 _CLICK_FLOW = _click_flow()
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """click's usage errors (bad or missing flags and values), in typer's vendored click and the package."""
+    kinds: list[type[BaseException]] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = __import__(name, fromlist=["UsageError"])
+        except ImportError:
+            continue
+        kinds.append(module.UsageError)
+    return tuple(kinds)
+
+
+_USAGE_ERRORS = _usage_error_types()
+
+
+_SIGNALLED = {"seen": False}  # a real SIGINT/SIGTERM reached this process (not a KeyboardInterrupt raised in code)
+
+
+def _quiet_after_interrupt() -> None:
+    """After the first Ctrl-C / SIGTERM is handled, further ones must not interrupt the shutdown (atexit hooks)."""
+    if not _SIGNALLED["seen"]:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class CgmqGroup(TyperGroup):
-    """Runs every command inside the error boundary (also under CliRunner)."""
+    """Runs every command inside the error boundary (also under CliRunner).
+
+    CgmqError -> its one line and exit code; click usage errors -> one line, exit 2;
+    OSError -> one line with the errno text, exit 2; sys.exit from user code -> exit 2
+    (never one of cgmq's own codes); Ctrl-C -> exit 130; anything else is a bug (exit 1).
+    """
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -61,18 +94,39 @@ class CgmqGroup(TyperGroup):
         except CgmqError as exc:
             if debug_enabled():
                 raise
+            if isinstance(exc, InterruptedRun):
+                _quiet_after_interrupt()
             render.error(exc.message, exc.hint)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
+            _quiet_after_interrupt()
             render.error("interrupted")
             ctx.exit(EXIT_INTERRUPTED)
-        except _CLICK_FLOW:  # usage errors, --help, exits: click/typer handle them
+        except _USAGE_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "cgmq"
+            render.error(exc.format_message(), f"see `{command} --help`")
+            ctx.exit(EXIT_BAD_INPUT)
+        except _CLICK_FLOW:  # --help, exits: click/typer handle them
             raise
+        except SystemExit as exc:  # only user code (an arch, loss or data file) calls sys.exit inside a command
+            if debug_enabled():
+                raise
+            render.error(f"code cgmq imported called sys.exit({exc.code!r})",
+                         "an --arch, --loss or --data module must not exit")
+            ctx.exit(EXIT_BAD_INPUT)
+        except OSError as exc:
+            if debug_enabled():
+                raise
+            error = os_error(exc, action="read or write")
+            render.error(error.message, error.hint)
+            ctx.exit(EXIT_BAD_INPUT)
         except Exception as exc:
             if debug_enabled():
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
-            render.error(f"internal error: {type(exc).__name__}: {first}",
+            render.error(f"internal error: {type(exc).__name__}: {first[:300]}",
                          "this is a bug in cgmq; rerun with CGMQ_DEBUG=1 for the traceback and report it")
             ctx.exit(EXIT_INTERNAL)
 
@@ -102,14 +156,15 @@ def _root(
 
 # Options shared by every command that takes MODEL.
 ArchOpt = typer.Option(None, "--arch", help="Architecture for a state_dict: package.module:Name, path/to/file.py:Name or torchvision:NAME.")
-TrustOpt = typer.Option(False, "--trust-checkpoint", help="Allow unpickling a whole saved nn.Module (runs code from the file: only for files you trust).")
+TrustOpt = typer.Option(False, "--trust-checkpoint", help="Trust the model file (a pickled nn.Module, a .pt2 with pickles) and, for a run directory, the code its config names; this command only. Runs code from the file: only for files you trust.")
 LeafOpt = typer.Option(None, "--leaf", help="Keep this submodule untraced (repeatable), e.g. for data-dependent control flow.")
 ShapeOpt = typer.Option(None, "--input-shape", help="Example input shape with batch first, e.g. 1,3,224,224.")
 ProfileOpt = typer.Option(None, "--profile", help="Hardware profile: a preset name (see `cgmq profiles`) or a YAML file.")
 
 
 def model_request(model: str, arch: Optional[str], trust: bool, leaf: Optional[List[str]], input_shape: Optional[str]) -> api.ModelRequest:
-    return api.ModelRequest(model=model, arch=arch, trust=trust, leaves=tuple(leaf or ()), input_shape=api.parse_shape(input_shape))
+    return api.ModelRequest(model=model, arch=arch, trust=trust, leaves=settings.check_setting("leaf", leaf or [], "--leaf"),
+                            input_shape=settings.parse_shape(input_shape, "--input-shape"))
 
 
 @app.command()
@@ -169,8 +224,8 @@ def compress(
     loss: Optional[str] = typer.Option(None, "--loss", help="Loss as module:fn (default cross-entropy)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<time>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint."),
-    gate_steps: Optional[int] = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint (--trust-checkpoint may be added)."),
+    gate_steps: Optional[int] = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300; 0: one pass over the data)."),
     finish: Optional[str] = typer.Option(None, "--finish", help="Gate-epoch finish: repair-fill (default) or constraint (plain CGGD)."),
     amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (float16 autocast) for the model; quantizers stay float32."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr."),
@@ -183,22 +238,22 @@ def compress(
     budget_flags = {"bops": budget_bops, "rel_bops": budget_rel_bops, "weight_bytes": budget_weight_bytes,
                     "cost": budget_cost}
     if resume:
-        given = [k for k, v in {**flags, **{f"budget_{k}": v for k, v in budget_flags.items()}}.items() if v]
+        given = [k for k, v in {**flags, **{f"budget_{k}": v for k, v in budget_flags.items()}}.items()
+                 if v is not None and v != [] and k != "trust"]
+        if force:
+            given.append("force")
         if given:
-            names = {"model": "MODEL", "trust": "--trust-checkpoint", "data": "--data"}
+            names = {"model": "MODEL", "data": "--data"}
             flag = names.get(given[0], "--" + given[0].replace("_", "-"))
             raise UsageError(f"--resume continues a run with its saved settings; it cannot be combined with {flag}",
                              "drop the other flags, or start a new run")
         run_dir = rundir.resolve_run(resume)
-        config = rundir.read_json(run_dir / "config.json")
-        request = CompressSettings.from_dict(config["settings"])
-        request = replace(request, out=str(run_dir))
+        with _terminate_as_interrupt(), render.TrainProgress() as progress:
+            result = compress_mod.resume(run_dir, progress, trust=trust_checkpoint, notify=render.info)
     else:
-        if finish is not None and finish not in ("repair-fill", "constraint"):
-            raise UsageError(f"--finish {finish!r}: expected repair-fill or constraint")
         request = settings.resolve_compress(flags, budget_flags)
-    with _terminate_as_interrupt(), render.TrainProgress() as progress:
-        result = run_compress(request, progress, force=force, resume=bool(resume))
+        with _terminate_as_interrupt(), render.TrainProgress() as progress:
+            result = run_compress(request, progress, force=force)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     if as_json:
@@ -209,28 +264,39 @@ def compress(
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """SIGTERM (CI cancel, kill) behaves like Ctrl-C: stop at once, keep the last checkpoint."""
+    """SIGTERM (CI cancel, kill) behaves like Ctrl-C: stop at once, keep the last checkpoint.
+
+    Only the first signal interrupts; later ones (a double Ctrl-C) are ignored while
+    cgmq cleans up and exits, so no traceback comes out of a cleanup or atexit hook.
+    """
+    interrupted = False
+
     def handler(signum, frame):  # noqa: ANN001
+        nonlocal interrupted
+        if interrupted:
+            return
+        interrupted = _SIGNALLED["seen"] = True
         raise KeyboardInterrupt
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-        previous = None
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            pass
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if interrupted:
+            _quiet_after_interrupt()
+        else:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _load_reports(runs: Optional[List[str]]) -> list[tuple[Path, dict]]:
     dirs = [rundir.resolve_run(r) for r in runs] if runs else [rundir.resolve_run(None)]
-    out = []
-    for d in dirs:
-        if not (d / "report.json").is_file():
-            raise UsageError(f"{d} has no report.json: the run did not finish", f"resume it: cgmq compress --resume {d}")
-        out.append((d, rundir.read_json(d / "report.json")))
-    return out
+    return [(d, rundir.read_report(d)) for d in dirs]
 
 
 @app.command()
@@ -272,17 +338,19 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """CI gate: exit 0 only when the run is within its budgets and every given threshold holds."""
+    limits = dict(max_bops=settings.parse_number(max_bops, "--max-bops"),
+                  max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
+                  max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
+                  min_accuracy=settings.parse_threshold(min_accuracy, "--min-accuracy", fraction_hint=True),
+                  max_accuracy_drop=settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop"))
     (run_dir, rep_dict), = _load_reports([run] if run else None)
-    results = checks.run_checks(rep_dict, max_bops=settings.parse_number(max_bops, "--max-bops"),
-                                max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
-                                max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
-                                min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop)
+    results = checks.run_checks(rep_dict, **limits)
     failed = [r for r in results if not r.ok]
     if as_json:
         render.json_out({"run": str(run_dir), "ok": not failed, "checks": [r.as_dict() for r in results]})
     else:
         for r in results:
-            typer.echo(r.line())
+            typer.echo(clean(r.line()))
     if failed:
         raise CheckFailedError(f"{len(failed)} of {len(results)} checks failed for {run_dir}")
 
@@ -294,7 +362,8 @@ def export(
     opset: int = typer.Option(25, "--opset", help="ONNX opset: 25 native int2/int4; 21-24 2-bit in int4; 13-20 8-bit containers with Clip."),
     float_path: Optional[Path] = typer.Option(None, "--float", help="Also write the float model here, for comparison."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Measure onnxruntime latency (median of repeated runs) of the files."),
-    force: bool = typer.Option(False, "--force", help="Replace existing ONNX files."),
+    force: bool = typer.Option(False, "--force", help="Replace existing ONNX files that cgmq exported (never other files)."),
+    trust_checkpoint: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """Export a run to ONNX QuantizeLinear/DequantizeLinear with its true widths, verified in onnxruntime."""
@@ -302,7 +371,9 @@ def export(
 
     if not 13 <= opset <= 25:
         raise UsageError(f"--opset {opset}: supported opsets are 13 to 25")
-    result = export_run(rundir.resolve_run(run), onnx_path, opset, float_path, benchmark, force)
+    run_dir = rundir.resolve_run(run)
+    with _terminate_as_interrupt():
+        result = export_run(run_dir, onnx_path, opset, float_path, benchmark, force, trust_checkpoint, render.info)
     if as_json:
         render.json_out(result.as_dict())
     else:
@@ -340,36 +411,40 @@ def verify(
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Run directory of the demo's compression."),
     budget_rel_bops: float = typer.Option(2.0, "--budget-rel-bops", help="Budget in percent of float BOPs."),
-    epochs: int = typer.Option(6, "--epochs", help="CGMQ epochs."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier demo run."),
+    epochs: int = typer.Option(6, "--epochs", help="CGMQ epochs (1 to 10000)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier demo run (and its OUT-float/ model)."),
 ) -> None:
     """Offline walk-through: train a small CNN on digits, compress it within a budget, report, export ONNX."""
     from cgmq_cli import data, models, report as rep
     from cgmq_cli.trainer import evaluate, train_float
 
+    epochs = settings.check_setting("epochs", epochs, "--epochs")
+    budget = settings.check_float(budget_rel_bops, "--budget-rel-bops", 0.0, 100.0)
     out_dir = Path(out)
-    rundir.prepare_run_dir(out_dir, force)
-    shutil.rmtree(out_dir)  # prepare checked it is writable and ours; compress recreates it
-    float_path = out_dir.parent / f"{out_dir.name}-float" / "digits_cnn.pt"
+    float_dir = out_dir.parent / f"{out_dir.name}-float"
+    float_path = float_dir / "digits_cnn.pt"
+    rundir.check_new_run(out_dir, force)  # both outputs are checked before anything is written
+    rundir.check_demo_dir(float_dir, force)
     render.info(f"1/4 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
     bundle = data.load_data("digits")
     train_loader, val_loader = data.make_loaders(bundle, 32, 0, 0)
     model = train_float(models.DigitsCNN(), train_loader, epochs=15, lr=3e-3, seed=0)
     acc = evaluate(model, val_loader, nn.functional.cross_entropy, "cpu")["accuracy"]
     render.info(f"    float validation accuracy {acc:.2f}%")
-    rundir.save_torch(float_path, model.state_dict())
+    rundir.write_demo_model(float_dir, float_path.name, model.state_dict())
     render.info(f"2/4 cgmq compress {float_path} --arch cgmq_cli.models:DigitsCNN --data digits "
-                f"--budget-rel-bops {budget_rel_bops:g} --epochs {epochs} --out {out_dir}")
+                f"--budget-rel-bops {budget:g} --epochs {epochs} --out {out_dir}")
     request = CompressSettings(model=str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
-                               budget=Budget(rel_bops=budget_rel_bops), batch_size=32, train=TrainConfig(epochs=epochs))
-    with render.TrainProgress() as progress:
-        result = run_compress(request, progress, force=True)
+                               budget=Budget(rel_bops=budget), batch_size=32, train=TrainConfig(epochs=epochs))
+    with _terminate_as_interrupt(), render.TrainProgress() as progress:
+        result = run_compress(request, progress, force=force)
     render.info(f"3/4 cgmq report {out_dir}")
     render.stdout().print(rep.rich_report(result.report))
     from cgmq_cli.deploy import export_run
 
     render.info(f"4/4 cgmq export {out_dir} --onnx (verified in onnxruntime)")
-    render.export_summary(export_run(out_dir, None))
+    with _terminate_as_interrupt():
+        render.export_summary(export_run(out_dir, None))
 
 
 def main() -> None:

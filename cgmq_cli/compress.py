@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, checkpoint, cost, data, distributed, rundir
+from cgmq_cli import __version__, api, checkpoint, cost, data, distributed, rundir, safe_load
 from cgmq_cli.distributed import DistContext
-from cgmq_cli.errors import CgmqError, InfeasibleBudgetError, InterruptedRun, TrainingError, UsageError
+from cgmq_cli.errors import (CgmqError, CheckpointError, DataError, InfeasibleBudgetError, InterruptedRun,
+                             OutputError, TrainingError, UsageError)
 from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
+from cgmq_cli.sanitize import cut
 from cgmq_cli.qmodel import QuantizedModel
 from cgmq_cli.trainer import Event, Trainer, TrainConfig, TrainState, evaluate
 
@@ -75,9 +77,8 @@ class CompressResult:
 def resolve_profile(settings: CompressSettings, run_dir: Path | None = None) -> HardwareProfile:
     """The profile, narrowed by the width flags; a run's own copy when rebuilding."""
     if run_dir is not None and (run_dir / "profile.yaml").is_file():
-        import yaml
-
-        profile = parse_profile(yaml.safe_load((run_dir / "profile.yaml").read_text()), str(run_dir / "profile.yaml"))
+        source = str(run_dir / "profile.yaml")
+        profile = parse_profile(safe_load.read_yaml(run_dir / "profile.yaml", source), source)
     else:
         profile = load_profile(settings.profile)
     return profile.narrowed(settings.weight_bits, settings.act_bits)
@@ -110,18 +111,87 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
         raise UsageError(f"--device {settings.train.device}: CUDA is not available on this machine", "use --device cpu")
     profile = resolve_profile(settings, run_dir)
     model, source = checkpoint.load_model(settings.model, settings.arch, settings.trust)
+    if source.fixed_batch is not None:
+        raise CheckpointError(f"{settings.model} was exported with a fixed batch size of {source.fixed_batch}; "
+                              "cgmq trains and evaluates on batches",
+                              "export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+                              "dynamic_shapes=({0: torch.export.Dim('batch')},))")
     bundle = data.load_data(settings.data, settings.subset, settings.seed)
     qm = api.prepare(model, bundle.sample_shape, settings.leaves, profile)
     return model, qm, bundle, profile, source
 
 
+def input_paths(settings: CompressSettings) -> tuple[Path, ...]:
+    """Files and folders the run reads: a --force replacement must never delete one of them."""
+    paths = []
+    if not settings.model.startswith(checkpoint.TORCHVISION) or Path(settings.model).exists():
+        paths.append(Path(settings.model))
+    for spec in (settings.arch, settings.loss, settings.data):
+        target = (spec or "").rpartition(":")[0]
+        if target.endswith(".py"):
+            paths.append(Path(target))
+    head, sep, rest = settings.data.partition(":")
+    if sep and head in data.BUILTIN and rest:
+        paths.append(Path(rest.rsplit("@", 1)[0] if head == "imagefolder" else rest))
+    if settings.profile and (Path(settings.profile).suffix in (".yaml", ".yml") or "/" in settings.profile):
+        paths.append(Path(settings.profile))
+    return tuple(p.expanduser() for p in paths)
+
+
+def code_specs(settings: CompressSettings, arch: str | None, uses: tuple[str, ...] = ("arch", "loss", "data")) -> list[str]:
+    """The flags of a saved run that import user code, as ``--arch x.py:Net`` (for the note and the trust check)."""
+    specs = {"arch": arch, "loss": settings.loss, "data": settings.data}
+    return [f"--{k} {cut(specs[k], 120)}" for k in uses if checkpoint.is_user_code(specs[k])]
+
+
+def vet_code(run_dir: Path, specs: list[str], trust: bool, notify: Callable[[str], None] | None) -> None:
+    """Code named by a run directory is imported only from the user's own, unmoved run, or with --trust-checkpoint."""
+    if not specs:
+        return
+    reason = rundir.untrusted_reason(run_dir)
+    if reason and not trust:
+        raise UsageError(f"{run_dir} {reason}, and its config.json names code to import ({', '.join(specs)}); "
+                         "cgmq does not run code named by a file it cannot vouch for",
+                         "read that config.json, then pass --trust-checkpoint on this command line to import it")
+    if notify is not None:
+        notify(f"note: {rundir.code_note(specs)}")
+
+
+class _GuardedLoss:
+    """The loss as called by training: an exception (or sys.exit) in it is one DataError line, not a traceback."""
+
+    def __init__(self, fn: Callable, spec: str | None) -> None:
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.fn(out, target)
+        except CgmqError:
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (and bad labels) may raise anything
+            raise _loss_error(exc, self.spec, out) from None
+
+
+def _loss_error(exc: BaseException, spec: str | None, out: torch.Tensor) -> DataError:
+    what = f"--loss {cut(spec, 80)}" if spec else "the loss (cross-entropy)"
+    if isinstance(exc, SystemExit):
+        return DataError(f"{what} called sys.exit({cut(exc.code, 40)})", "a loss function must return a tensor")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    hint = "fix the loss function" if spec else None
+    if "out of bounds" in first or "Target" in first or isinstance(exc, IndexError):
+        classes = out.shape[1] if out.ndim == 2 else None
+        hint = (f"the labels must be class indices from 0 to {classes - 1} (the model has {classes} outputs); "
+                "check --data" if classes else "check the labels of --data")
+    return DataError(f"{what} raised {type(exc).__name__}" + (f": {cut(first, 160)}" if first else ""), hint)
+
+
 def _loss_fn(spec: str | None) -> Callable:
     if spec is None:
-        return nn.functional.cross_entropy
+        return _GuardedLoss(nn.functional.cross_entropy, None)
     fn = checkpoint.import_object(spec, "--loss")
     if not callable(fn):
-        raise UsageError(f"--loss {spec} is not callable")
-    return fn
+        raise UsageError(f"--loss {cut(spec)} is not callable")
+    return _GuardedLoss(fn, spec)
 
 
 def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwareProfile, float_acc: float,
@@ -151,18 +221,33 @@ def _log_line(event: Event) -> str:
     return f"{time.strftime('%H:%M:%S')} epoch={event.epoch + 1} {event.kind} {fields}"
 
 
-def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: DistContext, files: dict) -> None:
-    """Rank 0 creates the run directory; every rank learns whether that worked."""
-    error = None
+def _on_main(ctx: DistContext, step: Callable[[], object]) -> object:
+    """Run ``step`` on rank 0; every rank learns whether it worked (and fails with rank 0's error)."""
+    error, result = None, None
     if ctx.is_main:
         try:
-            rundir.prepare_run_dir(run_dir, force)
-            rundir.write_json(run_dir / "config.json", files["config"])
-            rundir.write_text(run_dir / "profile.yaml", files["profile"])
+            result = step()
         except CgmqError as exc:
             error = exc
     if not ctx.all_true(error is None):
-        raise error or UsageError(f"rank 0 could not prepare the run directory {run_dir}")
+        raise error or UsageError("rank 0 could not prepare the run directory")
+    return result
+
+
+def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: DistContext, files: dict) -> rundir.RunDir | None:
+    """Rank 0 creates (or replaces) the run directory, locked; every rank learns whether that worked."""
+
+    def start() -> rundir.RunDir:
+        run = rundir.prepare(run_dir, force, input_paths(settings))
+        try:
+            rundir.write_json(run_dir / "config.json", files["config"])
+            rundir.write_text(run_dir / "profile.yaml", files["profile"])
+        except BaseException:
+            run.discard()
+            raise
+        return run
+
+    return _on_main(ctx, start)  # type: ignore[return-value]
 
 
 def compress(settings: CompressSettings, on_event: Callable[[Event], None] | None = None,
@@ -171,6 +256,8 @@ def compress(settings: CompressSettings, on_event: Callable[[Event], None] | Non
 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each
     global batch; only rank 0 writes the run directory and reports events.
+    Every setting, the model, the data and the budget are checked before the
+    run directory is created or replaced.
     """
     ctx = distributed.from_env(settings.train.device)
     try:
@@ -179,101 +266,160 @@ def compress(settings: CompressSettings, on_event: Callable[[Event], None] | Non
         distributed.shutdown(ctx)
 
 
+def resume(run_dir: Path, on_event: Callable[[Event], None] | None = None, trust: bool = False,
+           notify: Callable[[str], None] | None = None) -> CompressResult:
+    """Continue an interrupted run with its saved settings (checked like flags); trust only from ``trust``."""
+    from cgmq_cli import settings as settings_mod
+
+    run_dir = Path(run_dir)
+    if rundir.is_finished(run_dir):
+        raise UsageError(f"{run_dir} is finished (report.json and model.pt exist); there is nothing to resume",
+                         f"see it with `cgmq report {run_dir}`, or start a new run")
+    config = rundir.read_config(run_dir)
+    request = settings_mod.from_config(config["settings"], str(run_dir / "config.json"))
+    request = replace(request, out=str(run_dir), trust=trust)
+    vet_code(run_dir, code_specs(request, request.arch), trust, notify)
+    return compress(request, on_event, resume=True)
+
+
 def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | None, force: bool, resume: bool,
               ctx: DistContext) -> CompressResult:
     on_event = (on_event or (lambda e: None)) if ctx.is_main else (lambda e: None)
     device = distributed.device_for(ctx, settings.train.device)
     settings_run = replace(settings, train=replace(settings.train, device=device))
     run_dir = Path(settings.out)
-    torch.manual_seed(settings.seed)
-    model, qm, bundle, profile, source = _build(settings, run_dir if resume else None)
-    notes = check_budget(qm, settings.budget, profile)
-    if not resume:
-        _start_run_dir(settings, run_dir, force, ctx, {
-            "config": {"cgmq_version": __version__, "settings": settings.as_dict(), "source": source.as_dict(),
-                       "sample_shape": list(bundle.sample_shape)},
-            "profile": profile_yaml(profile)})
-    log = rundir.RunLog(run_dir / "train.log") if ctx.is_main else None
-
-    def emit(event: Event) -> None:
-        if log is not None:
-            log.write(_log_line(event))
-        on_event(event)
-
-    for note in notes:
-        emit(Event("info", 0, {"message": note}))
-    if ctx.enabled:
-        emit(Event("info", 0, {"message": f"distributed: {ctx.world} processes, global batch {settings.batch_size}"}))
-    loss_fn = _loss_fn(settings.loss)
-    train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
-                                                 distributed=ctx.enabled)
-    float_acc = evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"]
-    qm.gm.to(device)
-    trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
-                      profile.mac_cost if profile.cost_table else None, loss_fn, emit,
-                      dist=ctx, amp=settings.amp)
-    started = time.time()
-    if resume:
-        started -= _restore(run_dir, qm, trainer)
-        emit(Event("info", trainer.state.epoch, {"message": f"resumed after epoch {trainer.state.epoch}"}))
-    else:
-        qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
-
-    def save(state: TrainState) -> None:
-        if ctx.is_main:
-            _save_checkpoint(run_dir, qm, state, time.time() - started)
-
-    if not resume:
-        save(trainer.state)
+    run = _on_main(ctx, lambda: rundir.open_run(run_dir)) if resume else None
     try:
+        if not resume:
+            _on_main(ctx, lambda: rundir.check_new_run(run_dir, force, input_paths(settings)))
+        torch.manual_seed(settings.seed)
+        model, qm, bundle, profile, source = _build(settings, run_dir if resume else None)
+        notes = check_budget(qm, settings.budget, profile)
+        loss_fn = _loss_fn(settings.loss)
+        train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
+                                                     distributed=ctx.enabled)
+        float_acc = evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"]
+        qm.gm.to(device)
+        if not resume:
+            qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
+        trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
+                          profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,
+                          dist=ctx, amp=settings.amp)
+        seconds = _restore(run_dir, qm, trainer) if resume else 0.0
+        if not resume:  # everything is checked: only now is the run directory created (or replaced)
+            run = _start_run_dir(settings, run_dir, force, ctx, {
+                "config": {"cgmq_version": __version__, "settings": settings.as_dict(), "source": source.as_dict(),
+                           "sample_shape": list(bundle.sample_shape)},
+                "profile": profile_yaml(profile)})
+        return _train(settings, run_dir, run, ctx, on_event, qm, trainer, val_loader, loss_fn, profile, source,
+                      float_acc, notes, seconds, resume)
+    finally:
+        if run is not None:
+            run.release()
+
+
+def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None, ctx: DistContext,
+           on_event: Callable[[Event], None], qm: QuantizedModel, trainer: Trainer, val_loader, loss_fn: Callable,
+           profile: HardwareProfile, source: checkpoint.ModelSource, float_acc: float, notes: list[str],
+           seconds: float, resume: bool) -> CompressResult:
+    device = trainer.config.device
+    started = time.time() - seconds
+    saved_once = resume
+    log = None
+    try:
+        log = rundir.RunLog(run_dir / "train.log") if ctx.is_main else None
+
+        def emit(event: Event) -> None:
+            if log is not None:
+                log.write(_log_line(event))
+            on_event(event)
+
+        trainer.on_event = emit
+        for note in notes:
+            emit(Event("info", 0, {"message": note}))
+        if ctx.enabled:
+            emit(Event("info", 0, {"message": f"distributed: {ctx.world} processes, global batch {settings.batch_size}"}))
+        if resume:
+            emit(Event("info", trainer.state.epoch, {"message": f"resumed after epoch {trainer.state.epoch}"}))
+        run_id = run.id if run is not None else ""
+
+        def save(state: TrainState) -> None:
+            if ctx.is_main:
+                _save_checkpoint(run_dir, qm, state, time.time() - started, run_id)
+
+        if not resume:
+            save(trainer.state)
+            saved_once = True
         state = trainer.run(save)
     except KeyboardInterrupt:
+        if not saved_once and run is not None:
+            run.discard()
+            raise InterruptedRun(f"interrupted before the first checkpoint; {run_dir} was removed") from None
         raise InterruptedRun(f"interrupted; {run_dir} keeps the state after epoch {trainer.state.epoch}",
                              f"continue with: cgmq compress --resume {run_dir}") from None
+    except OutputError as exc:
+        if not saved_once and run is not None:
+            run.discard()
+            raise
+        raise OutputError(exc.message, f"{exc.hint or 'fix the cause'}; then continue with: "
+                                       f"cgmq compress --resume {run_dir}") from None
     except RuntimeError as exc:  # gloo/NCCL: a peer died or hung; every rank stops
         if not ctx.enabled or isinstance(exc, CgmqError):
             raise
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"rank {ctx.rank}: another process of this distributed run failed ({first[:160]}); "
+        raise TrainingError(f"rank {ctx.rank}: another process of this distributed run failed ({cut(first, 160)}); "
                             f"the job stops, {run_dir} keeps the state after epoch {trainer.state.epoch}",
                             f"continue with: cgmq compress --resume {run_dir} (any number of processes)") from None
+    except BaseException:
+        if not saved_once and run is not None:
+            run.discard()
+        raise
     finally:
         if log is not None:
             log.close()
     quant_acc = evaluate(qm.gm, val_loader, loss_fn, device, ctx)["accuracy"]
     report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir)
     if ctx.is_main:
-        save_model(run_dir / "model.pt", qm)
+        save_model(run_dir / "model.pt", qm, run.id if run is not None else None)
         rundir.write_json(run_dir / "report.json", report)
-        rundir.point_latest(run_dir)
+        note = rundir.point_latest(run_dir)
+        if note:
+            on_event(Event("info", state.epoch, {"message": note}))
     ctx.barrier()
     return CompressResult(run_dir, report)
 
 
-def _save_checkpoint(run_dir: Path, qm: QuantizedModel, state: TrainState, seconds: float) -> None:
+def _save_checkpoint(run_dir: Path, qm: QuantizedModel, state: TrainState, seconds: float, run_id: str = "") -> None:
     rundir.save_torch(run_dir / "checkpoint.pt", {
         "model": qm.gm.state_dict(), "epoch": state.epoch, "history": state.history,
-        "optimizer": state.optimizer, "bad_batches": state.bad_batches, "seconds": seconds})
+        "optimizer": state.optimizer, "bad_batches": state.bad_batches, "seconds": seconds, "run": run_id or None})
 
 
 def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no checkpoint.pt to resume from")
-    ckpt = torch.load(path, map_location=trainer.config.device, weights_only=True)
-    qm.gm.load_state_dict(ckpt["model"])
-    qm.gm.to(trainer.config.device)
-    trainer.state = TrainState(epoch=ckpt["epoch"], history=list(ckpt["history"]), optimizer=ckpt["optimizer"],
+    ckpt = rundir.read_torch_state(run_dir, "checkpoint.pt", {"model": dict, "epoch": int, "history": list,
+                                                                "bad_batches": int})
+    if not 0 <= ckpt["epoch"] <= len(trainer.config.schedule()):
+        raise CheckpointError(f"{run_dir / 'checkpoint.pt'} records epoch {ckpt['epoch']}, outside this run's "
+                              f"{len(trainer.config.schedule())} epochs", "start the run again")
+    try:
+        qm.gm.load_state_dict(ckpt["model"])
+        qm.gm.to(trainer.config.device)
+        if ckpt.get("optimizer"):
+            trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir / 'checkpoint.pt'} does not fit this run's model (from another run, or edited): "
+                              f"{cut(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}",
+                              "start the run again") from None
+    trainer.state = TrainState(epoch=ckpt["epoch"], history=list(ckpt["history"]), optimizer=ckpt.get("optimizer"),
                                bad_batches=ckpt["bad_batches"])
-    if ckpt["optimizer"]:
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    return float(ckpt.get("seconds", 0.0))
+    seconds = ckpt.get("seconds", 0.0)
+    return float(seconds) if isinstance(seconds, (int, float)) else 0.0
 
 
-def save_model(path: Path, qm: QuantizedModel) -> None:
-    """The compressed model: full state (folded weights, steps, gates) and the integer widths."""
+def save_model(path: Path, qm: QuantizedModel, run_id: str | None = None) -> None:
+    """The compressed model: full state (folded weights, steps, gates), the integer widths and the run's id."""
     rundir.save_torch(path, {"format": MODEL_FORMAT, "state_dict": qm.gm.state_dict(), "widths": qm.widths(),
-                             "bits": {k: list(v) for k, v in qm.bits().items()}})
+                             "bits": {k: list(v) for k, v in qm.bits().items()}, "run": run_id})
 
 
 def profile_yaml(profile: HardwareProfile) -> str:
@@ -294,18 +440,32 @@ class LoadedRun:
     report: dict
 
 
-def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild a finished run's quantized model (architecture from its recipe, state from model.pt)."""
-    config = rundir.read_json(run_dir / "config.json")
-    settings = CompressSettings.from_dict(config["settings"])
-    report = rundir.read_json(run_dir / "report.json")
+def load_run(run_dir: Path, trust: bool = False, notify: Callable[[str], None] | None = None) -> LoadedRun:
+    """Rebuild a finished run's quantized model (architecture from its recipe, state from model.pt).
+
+    Every file is checked before use; code named by config.json is imported as
+    :func:`vet_code` allows, a pickled source model only with ``trust`` (given
+    on the command line of this invocation; config.json's ``trusted`` is ignored).
+    """
+    from cgmq_cli import settings as settings_mod
+
+    run_dir = Path(run_dir)
+    config = rundir.read_config(run_dir)
+    settings = settings_mod.from_config(config["settings"], str(run_dir / "config.json"))
+    report = rundir.read_report(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise UsageError(f"{run_dir} has no model.pt: the run did not finish", f"resume it: cgmq compress --resume {run_dir}")
-    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    saved = rundir.read_torch_state(run_dir, "model.pt", {"state_dict": dict, "widths": dict})
+    if saved.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{run_dir / 'model.pt'} is not a {MODEL_FORMAT} file", "compress again")
     profile = resolve_profile(settings, run_dir)
     source = config["source"]
+    arch = source["arch"] or (source["model"] if source["kind"] == "torchvision" else None)
+    vet_code(run_dir, code_specs(settings, arch, ("arch", "data")), trust, notify)
     if source["kind"] in ("state_dict", "torchvision"):
-        arch = source["arch"] or source["model"]
+        if not arch:
+            raise UsageError(f"{run_dir / 'config.json'} names no architecture for its state_dict",
+                             "the run directory was edited; compress again")
         user_state = {k: v for k, v in saved["state_dict"].items() if not k.startswith("cgmq.")}
         model = checkpoint.build_arch(arch, checkpoint.guess_num_classes(user_state) if arch.startswith(checkpoint.TORCHVISION) else None)
     else:
@@ -313,8 +473,17 @@ def load_run(run_dir: Path) -> LoadedRun:
         if not path.is_file() or checkpoint.file_sha256(path) != source["sha256"]:
             raise UsageError(f"the run was made from {path}, which is missing or changed since",
                              "restore the original model file to rebuild this run")
-        model, _ = checkpoint.load_model(str(path), None, source["trusted"])
+        if source["kind"] == "pickle" and not trust:
+            raise CheckpointError(f"the run was made from {path}, a pickled module; rebuilding it unpickles that file, "
+                                  "which could run code from it",
+                                  "pass --trust-checkpoint on this command line if you trust that file")
+        model, _ = checkpoint.load_model(str(path), None, trust)
     qm = api.prepare(model, tuple(config["sample_shape"]), settings.leaves, profile)
-    qm.gm.load_state_dict(saved["state_dict"])
-    qm.set_widths(dict(saved["widths"]))
+    try:
+        qm.gm.load_state_dict(saved["state_dict"])
+        qm.set_widths(dict(saved["widths"]))
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{run_dir / 'model.pt'} does not fit this run's model (from another run, or edited): "
+                              f"{cut(first, 120)}", "compress again") from None
     return LoadedRun(run_dir, settings, qm, profile, report)

@@ -131,7 +131,7 @@ def _load_file(spec: str, path_text: str) -> Any:
     sys.modules[mod_name] = module  # lets worker processes / pickling find it
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise (or exit) anything
         sys.modules.pop(mod_name, None)
         raise DataError(
             f"--data {spec!r}: importing {str(path)!r} raised {src.one_line(exc)}",
@@ -154,7 +154,7 @@ def _import_module(spec: str, mod_name: str) -> Any:
             f"--data {spec!r}: importing {mod_name!r} raised {src.one_line(exc)}",
             "fix the module",
         ) from exc
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
         raise DataError(
             f"--data {spec!r}: importing {mod_name!r} raised {src.one_line(exc)}",
             "fix the module",
@@ -171,7 +171,7 @@ def _call_user_fn(spec: str, module: Any, fn_name: str) -> src.Splits:
         )
     try:
         result = fn()
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
         raise DataError(
             f"--data {spec!r}: {fn_name}() raised {src.one_line(exc)}",
             "fix the data function",
@@ -220,7 +220,7 @@ def _sample_shape(spec: str, train: Any) -> tuple[int, ...]:
     """Shape of the first training input (no batch dim)."""
     try:
         example = train[0]
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
         raise DataError(
             f"--data {spec!r}: reading the first training example raised {src.one_line(exc)}",
             "fix the dataset",

@@ -280,5 +280,11 @@ def _split_size(rest: str, spec: str) -> tuple[str, int]:
 
 def one_line(exc: BaseException) -> str:
     """``Type: message`` squeezed onto one line."""
+    from cgmq_cli.sanitize import short
+
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (the code called sys.exit({short(exc.code, 40)}))"
     text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

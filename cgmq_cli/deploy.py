@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from cgmq_cli import data
+from cgmq_cli import data, rundir
 from cgmq_cli.compress import load_run
-from cgmq_cli.errors import CgmqError, CheckFailedError, UsageError
+from cgmq_cli.errors import CgmqError, CheckFailedError, InterruptedRun, OutputError, UsageError, os_error
 from cgmq_cli.export import onnx_qdq, verify
 
 PARITY_BATCHES = 32  # up to 32 validation batches (every example of small sets)
@@ -36,11 +40,42 @@ class ExportResult:
         return out
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists", "pass --force to replace it, or choose another path")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"{path} is a directory")
+def _is_cgmq_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file that cgmq exported (producer ``cgmq``): the only kind --force replaces."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "cgmq"
+    except Exception:  # noqa: BLE001 - not ONNX at all
+        return False
+
+
+def _check_target(path: Path, flag: str, force: bool) -> None:
+    """Refuse, before any work, an output path export must not write (see the README's --force rules)."""
+    if len(os.fsencode(path.name)) > 255:
+        raise os_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), path)
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"cannot write {flag} {path}: {probe} is a file, not a directory", "choose another path")
+    folder = probe
+    in_run = rundir.read_marker(path.parent) is not None or (path.parent / "config.json").is_file()
+    if in_run and (path.name in rundir.RUN_FILES or path.suffix != ".onnx"):
+        raise UsageError(f"{flag} {path} is a file of the run directory {path.parent}; export writes only .onnx files there",
+                         "choose a path ending in .onnx, or outside the run directory")
+    if path.is_symlink():
+        raise UsageError(f"{flag} {path} is a symbolic link; cgmq does not replace links", "choose another path")
+    if path.exists():
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory", "name a file, e.g. model.onnx")
+        if not force:
+            raise UsageError(f"{path} already exists", "pass --force to replace it, or choose another path")
+        if not _is_cgmq_onnx(path):
+            raise UsageError(f"{path} is not an ONNX file exported by cgmq; refusing to replace it even with --force",
+                             "choose another path")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        rundir.ensure_writable_dir(folder)
 
 
 def _parity_inputs(settings, qm) -> tuple[list[torch.Tensor] | None, str]:
@@ -55,12 +90,69 @@ def _parity_inputs(settings, qm) -> tuple[list[torch.Tensor] | None, str]:
 
 
 def export_run(run_dir: Path, onnx_path: Path | None, opset: int = 25, float_path: Path | None = None,
-               benchmark: bool = False, force: bool = False) -> ExportResult:
-    onnx_path = onnx_path or run_dir / "model.onnx"
-    _refuse_existing(onnx_path, force)
+               benchmark: bool = False, force: bool = False, trust: bool = False,
+               notify: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a finished run; every output path is checked before the model is rebuilt.
+
+    The run directory is locked while export writes into it; temporaries of a
+    killed export are removed; Ctrl-C or SIGTERM leaves no partial file.
+    """
+    run_dir = Path(run_dir)
+    onnx_path = Path(onnx_path) if onnx_path is not None else run_dir / "model.onnx"
+    float_path = Path(float_path) if float_path is not None else None
+    if float_path is not None and _same_file(onnx_path, float_path):
+        raise UsageError(f"--onnx and --float name the same file {onnx_path}", "give the float model its own path")
+    _check_target(onnx_path, "--onnx", force)
     if float_path is not None:
-        _refuse_existing(float_path, force)
-    run = load_run(run_dir)
+        _check_target(float_path, "--float", force)
+    targets = [p for p in (onnx_path, float_path) if p is not None]
+    writes_run = any(_inside(p, run_dir) for p in targets)
+    try:
+        lock = rundir.open_run(run_dir)
+    except OutputError as exc:
+        if writes_run:
+            raise
+        lock = None  # a read-only run directory: nothing can change it under us, and we write elsewhere
+        if notify is not None:
+            notify(f"note: {exc.message}; exporting without a lock")
+    try:
+        for target in targets:
+            rundir.clean_stale(target.parent)
+        return _export(run_dir, onnx_path, opset, float_path, benchmark, trust, notify)
+    except KeyboardInterrupt:
+        raise InterruptedRun("export interrupted; no partial file was left behind") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError while writing ``path`` (disk full, read-only, ...) is one line naming it (no partial file)."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, path) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None, benchmark: bool, trust: bool,
+            notify: Callable[[str], None] | None) -> ExportResult:
+    run = load_run(run_dir, trust, notify)
     qm = run.qm
     qm.gm.cpu().eval()
     if qm.cost().bops != run.report["cost"]["bops"]:
@@ -68,8 +160,12 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int = 25, float_pat
                                f"{run.report['cost']['bops']:,}", "the run directory was modified; compress again")
     inputs, source = _parity_inputs(run.settings, qm)
     metadata = {"budget": run.report["budget"], "run": run.report["run"], "profile": run.profile.name}
-    info = onnx_qdq.export_qdq(qm, onnx_path, opset, metadata, parity_inputs=inputs)
-    float_info = onnx_qdq.export_float(qm, float_path, opset) if float_path is not None else None
+    with _writing(onnx_path):
+        info = onnx_qdq.export_qdq(qm, onnx_path, opset, metadata, parity_inputs=inputs)
+    float_info = None
+    if float_path is not None:
+        with _writing(float_path):
+            float_info = onnx_qdq.export_float(qm, float_path, opset)
     latency = {}
     if benchmark:
         example = torch.zeros((1, *qm.sample_shape))

@@ -20,6 +20,9 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import errno
+import os
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -61,6 +64,39 @@ class ProfileError(CgmqError):
 
 class DataError(CgmqError):
     """A dataset spec that cannot be loaded or does not fit the model."""
+
+
+class OutputError(CgmqError):
+    """A file or directory cannot be written (disk full, read-only, permissions, name too long)."""
+
+
+# What to do about the operating-system errors a user can meet; anything else keeps its errno text only.
+OS_HINTS = {
+    errno.ENOSPC: "free some disk space and run the command again",
+    errno.EDQUOT: "free some space within your quota and run the command again",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.EACCES: "check the permissions of the path, or choose another location",
+    errno.EPERM: "check the permissions of the path, or choose another location",
+    errno.ENAMETOOLONG: "use a shorter file name (at most 255 bytes per path component)",
+    errno.ENOTDIR: "a parent of the path is a file, not a directory",
+    errno.EISDIR: "the path is a directory; name a file",
+    errno.ENOENT: "check that the path exists",
+    errno.EEXIST: "the path already exists",
+    errno.EXDEV: "keep the file on the same file system as its directory",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.ENOMEM: "the machine ran out of memory",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def os_error(exc: OSError, path: object = None, action: str = "write") -> OutputError:
+    """One line for an OSError: ``cannot write PATH: No space left on device`` and what to do."""
+    where = path if path is not None else (exc.filename if exc.filename is not None else None)
+    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+    from cgmq_cli.sanitize import clean
+
+    subject = f" {clean(where)}" if where is not None else ""
+    return OutputError(f"cannot {action}{subject}: {reason}", OS_HINTS.get(exc.errno or 0))
 
 
 class InfeasibleBudgetError(CgmqError):

@@ -23,11 +23,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
 from cgmq_cli.errors import ProfileError
 from cgmq_cli.opnames import INTEGER_OPS, PROFILE_ALIASES, PROFILE_KINDS
+from cgmq_cli.safe_load import read_yaml
+from cgmq_cli.sanitize import cut as _cut, short
 
 Budgets = Budget  # a profile's default budgets
 
@@ -52,7 +52,7 @@ class _FieldError(ProfileError):
     """A ProfileError that remembers its key path, so a parent can re-anchor it (``budgets.`` + path)."""
 
     def __init__(self, where: str, path: str, value: Any, allowed: str, hint: str | None = None) -> None:
-        super().__init__(f"{where}: {path} = {value!r}: {allowed}", hint)
+        super().__init__(f"{where}: {path} = {short(value)}: {allowed}", hint)
         self.path, self.value, self.allowed = path, value, allowed
 
     def within(self, where: str, prefix: str) -> _FieldError:
@@ -69,7 +69,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _guess(word: Any, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), known, n=1)
+    close = difflib.get_close_matches(str(word)[:100], known, n=1)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
@@ -239,7 +239,7 @@ class HardwareProfile:
         """
         kind = OP_ALIASES.get(op_kind, op_kind)
         if kind not in OP_KINDS:
-            raise ProfileError(f"unknown op kind {op_kind!r}; profiles know {', '.join(OP_KINDS)}")
+            raise ProfileError(f"unknown op kind {short(op_kind)}; profiles know {', '.join(OP_KINDS)}")
         if not 0 <= index < n_layers:
             raise ValueError(f"layer index {index} outside 0..{n_layers - 1}")
         weights, acts = self.weight_bits, self.act_bits
@@ -318,10 +318,10 @@ def _check_schema(value: Any, where: str) -> None:
 
 def _flag_widths(flag: str, values: Sequence[int]) -> Bits:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ProfileError(f"{flag} {values!r}: give at least one width", _ALLOWED_BITS)
+        raise ProfileError(f"{flag} {short(values)}: give at least one width", _ALLOWED_BITS)
     for bits in values:
         if not _is_int(bits) or bits not in VALID_BITS:
-            raise ProfileError(f"{flag} {bits!r}: not a bit-width; {_ALLOWED_BITS}")
+            raise ProfileError(f"{flag} {short(bits)}: not a bit-width; {_ALLOWED_BITS}")
     return tuple(sorted(set(values)))
 
 
@@ -365,7 +365,7 @@ def _mapping(value: Any, where: str, path: str, known: Sequence[str]) -> dict:
         raise _FieldError(where, path, value, f"must be a mapping with keys {', '.join(known)}")
     for key in value:
         if key not in known:
-            full = f"{path}.{key}" if path else str(key)
+            full = _cut(f"{path}.{key}" if path else str(key))
             raise ProfileError(f"{where}: unknown key `{full}`{_guess(key, known)}",
                                f"known keys{' under ' + path if path else ''}: {', '.join(known)}")
     return value
@@ -430,37 +430,11 @@ def parse_profile(data: Any, source: str) -> HardwareProfile:
                            default_budgets=budgets, source=source)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = None if key_node.tag.endswith(":merge") else loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float)):
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
 def _read_yaml(path: Path, source: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"{source}: profile file not found", "pass a preset name or a path to a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{source}: cannot read the profile: {exc}") from exc
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ProfileError(f"{source}: invalid YAML{at}: {getattr(exc, 'problem', None) or exc}") from exc
+    """A profile file, read within the bounds of :mod:`cgmq_cli.safe_load` (size, aliases, nesting)."""
+    if not path.exists() and not path.is_symlink():
+        raise ProfileError(f"{source}: profile file not found", "pass a preset name or a path to a YAML file")
+    return read_yaml(path, source, ProfileError)
 
 
 def presets_dir() -> Path:
@@ -480,7 +454,7 @@ def preset_names() -> list[str]:
 def _load_preset(name: str) -> HardwareProfile:
     names = preset_names()
     if name not in names:
-        raise ProfileError(f"unknown profile `{name}`; presets: {', '.join(names) or 'none'}{_guess(name, names)}",
+        raise ProfileError(f"unknown profile `{_cut(name)}`; presets: {', '.join(names) or 'none'}{_guess(name, names)}",
                            "pass a preset name or a path to a profile YAML file, e.g. ./my-target.yaml")
     source = f"preset:{name}"
     profile = parse_profile(_read_yaml(presets_dir() / f"{name}.yaml", source), source)

@@ -2,7 +2,9 @@
 
 No colour or progress bars when stdout is not a terminal or NO_COLOR is set
 (Rich honours both). Logs and errors go to stderr so that ``--json`` output on
-stdout stays one clean JSON object.
+stdout stays one clean JSON object. Every text that reaches the terminal here
+passes :func:`cgmq_cli.sanitize.clean` (control characters and bidi marks
+escaped; JSON output is escaped by the JSON encoder).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.table import Table
 
+from cgmq_cli.sanitize import clean
+
 
 def _width(stream: Any) -> int | None:
     """Terminal width on a terminal; wide enough for whole tables in logs and pipes."""
@@ -22,22 +26,23 @@ def _width(stream: Any) -> int | None:
 
 
 def stdout() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=_width(sys.stdout))
+    """Rich console on stdout; no markup, so ``[red]`` in a layer or file name is printed as written."""
+    return Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=True, width=_width(sys.stdout))
 
 
 def stderr() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+    return Console(file=sys.stderr, highlight=False, markup=False, soft_wrap=True, width=_width(sys.stderr))
 
 
 def error(message: str, hint: str | None = None) -> None:
     """``error: ...`` and an optional ``hint: ...`` on stderr, no markup interpretation."""
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {clean(message)}\n")
     if hint:
-        sys.stderr.write(f"hint: {hint}\n")
+        sys.stderr.write(f"hint: {clean(hint)}\n")
 
 
 def info(message: str) -> None:
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(clean(message) + "\n")
     sys.stderr.flush()
 
 
@@ -63,11 +68,11 @@ def human(n: float) -> str:
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], right: Iterable[str] = ()) -> Table:
     right = set(right)
-    t = Table(title=title, title_justify="left")
+    t = Table(title=clean(title), title_justify="left")
     for col in columns:
-        t.add_column(col, justify="right" if col in right else "left")
+        t.add_column(clean(col), justify="right" if col in right else "left")
     for row in rows:
-        t.add_row(*[str(c) for c in row])
+        t.add_row(*[clean(c) for c in row])
     return t
 
 
@@ -146,6 +151,7 @@ class TrainProgress:
             self._line(f"warning: non-finite loss, batch skipped ({d['count']} so far)")
 
     def _line(self, text: str) -> None:
+        text = clean(text)
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
@@ -163,13 +169,13 @@ def compress_summary(report: dict, run_dir: Any) -> None:
     lines.append("within budget: " + ("yes" if report["feasible"] else "NO"))
     out = stdout()
     for line in lines:
-        out.print(line, markup=False, highlight=False)
+        out.print(clean(line), markup=False, highlight=False)
 
 
 def export_summary(result: Any) -> None:
     q = result.qdq
     out = stdout()
-    say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731
+    say = lambda text: out.print(clean(text), markup=False, highlight=False)  # noqa: E731
     say(f"wrote {q.path} (opset {q.opset}, {q.size_bytes:,} bytes)")
     if result.float is not None:
         f = result.float
@@ -202,4 +208,4 @@ def verify_table(path: Any, result: Any, bops: float | None, weight_bytes: float
         if limit is not None:
             lines.append(f"budget {label}: {value:,.0f} <= {limit:,.0f}: {'yes' if value <= limit else 'NO'}")
     for line in lines:
-        out.print(line, markup=False, highlight=False)
+        out.print(clean(line), markup=False, highlight=False)

@@ -2,7 +2,9 @@
 
 Works on the plain report dictionaries that ``cgmq compress`` writes, so it
 renders any finished run without rebuilding its model. Nothing imports this
-module except the CLI.
+module except the CLI. Every renderer first escapes the report's strings
+(:func:`cgmq_cli.sanitize.clean_tree`): a layer or profile name cannot carry
+terminal escapes or bidi marks into a table, a CSV file or a pull request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.console import Group
 from rich.table import Table
 
 from cgmq_cli.errors import UsageError
+from cgmq_cli.sanitize import clean_tree
 
 LAYER_COLUMNS = ("layer", "op", "MACs", "params", "bits w/a", "BOPs", "share", "weight bytes")
 
@@ -44,6 +47,7 @@ def _settings_line(report: dict) -> str:
 
 
 def rich_report(report: dict) -> Group:
+    report = clean_tree(report)
     layers = Table(title=f"run {report['run']}", title_justify="left")
     for col in LAYER_COLUMNS:
         layers.add_column(col, justify="left" if col in ("layer", "op", "bits w/a") else "right")
@@ -67,6 +71,7 @@ def rich_report(report: dict) -> Group:
 
 def markdown(report: dict) -> str:
     """One run as GitHub-flavoured Markdown (pastes cleanly into a pull request)."""
+    report = clean_tree(report)
     c, acc = report["cost"], report["accuracy"]
     out = [f"### cgmq run `{report['run']}`", "",
            f"**Within budget: {'yes' if report['feasible'] else 'NO'}** · relative BOPs {c['rel_bops']:.3f}% · "
@@ -80,6 +85,7 @@ def markdown(report: dict) -> str:
 
 
 def csv_text(report: dict) -> str:
+    report = clean_tree(report)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["layer", "op", "macs", "params", "bits_w", "bits_a", "bops", "bops_share", "weight_bytes"])
@@ -92,6 +98,7 @@ def csv_text(report: dict) -> str:
 
 def comparison_rows(reports: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """Side-by-side: one column per run, rows for totals and every layer's widths."""
+    reports = [clean_tree(r) for r in reports]
     header = ["", *[r["run"] for r in reports]]
     rows = [
         ["budget", *[", ".join(f"{k} {v:,.6g}" for k, v in r["budget"].items() if v is not None) for r in reports]],
@@ -129,7 +136,12 @@ def comparison_table(reports: Sequence[dict]) -> Table:
 
 
 def plot(reports: Sequence[dict], path: Path) -> None:
-    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run."""
+    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run.
+
+    An existing file is replaced only when it is a PNG image (never report.json or another file of yours).
+    """
+    if path.is_symlink() or path.is_dir() or (path.exists() and path.open("rb").read(8) != b"\x89PNG\r\n\x1a\n"):
+        raise UsageError(f"--plot {path} exists and is not a PNG image; refusing to replace it", "choose another path")
     try:
         import matplotlib
 

@@ -1,55 +1,234 @@
-"""Project settings: ``cgmq.yaml`` or ``[tool.cgmq]`` in pyproject.toml, overridden by flags.
+"""The one validation layer for flags, project settings and settings read back from a run.
 
-So that the bare ``cgmq compress model.pt --budget-bops 1e8`` works in a
-configured project and in CI, every compress setting can come from the
-project file; a flag given on the command line always wins. Keys (all
+Project settings live in ``cgmq.yaml`` or ``[tool.cgmq]`` in pyproject.toml and
+are overridden by flags. So that the bare ``cgmq compress model.pt --budget-bops
+1e8`` works in a configured project and in CI, every compress setting can come
+from the project file; a flag given on the command line always wins. Keys (all
 optional)::
 
     model, arch, data, profile, epochs, lr, batch_size, subset, seed, device,
-    input_shape, leaf, out, weight_bits, act_bits,
+    input_shape, leaf, out, weight_bits, act_bits, workers,
     budgets: {bops, rel_bops, weight_bytes, cost}
+
+Every value, wherever it comes from, passes :func:`check_setting`: numbers
+within :data:`INT_RANGES` / :data:`FLOAT_RANGES` (numeric strings count, as
+YAML 1.1 reads ``1e-3`` as a string; booleans and fractions where an integer is
+due do not), strings where a string is due, ``4,8`` or ``[4, 8]`` for width
+lists and ``1,1,8,8`` or ``[1, 1, 8, 8]`` for shapes. A bad value is one
+UsageError line naming the flag or the file and key, the value (shortened and
+escaped) and what is allowed. Trust is never a setting: only the
+``--trust-checkpoint`` flag of the current command grants it.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import time
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from cgmq_cli import api
-from cgmq_cli.budget import BUDGET_KEYS, Budget
+from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
 from cgmq_cli.compress import CompressSettings
 from cgmq_cli.errors import UsageError
 from cgmq_cli.profiles import load_profile
+from cgmq_cli.safe_load import read_yaml
+from cgmq_cli.sanitize import cut, short
 from cgmq_cli.trainer import TrainConfig
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
+
+# Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
+# least gate_steps batches, whichever is longer).
+INT_RANGES = {
+    "epochs": (1, 10_000), "batch_size": (1, 65_536), "subset": (1, 1_000_000_000), "seed": (0, 2**32 - 1),
+    "workers": (0, 256), "gate_steps": (0, 1_000_000), "probe_batches": (1, 10_000),
+    "max_bad_batches": (1, 1_000_000), "rounds": (0, 10_000),
+}
+FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0)}  # lower bound exclusive
+HINTS = {
+    "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
+    "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
+    "workers": "0 (the default) loads data in the main process", "lr": "the default is 1e-3",
+    "gate_steps": "the default is 300; 0 means one pass over the data",
+}
+STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish")
+FINISH = ("repair-fill", "constraint")
+DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
+MAX_INPUT_ELEMENTS = 2**27  # one example input of at most 128 Mi elements (512 MiB of float32)
+MAX_TEXT = 4096
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _bad(where: str, value: Any, allowed: str, hint: str | None = None) -> UsageError:
+    sep = " " if where.startswith("--") else " = "
+    return UsageError(f"{where}{sep}{short(value)}: {allowed}", hint)
+
+
+def check_int(value: Any, where: str, low: int, high: int, hint: str | None = None) -> int:
+    """An integer in [low, high]; a numeric string counts, a boolean or fraction does not."""
+    number = value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value):
+        number = int(value)
+    if isinstance(number, float) and not isinstance(number, bool):
+        raise _bad(where, value, f"must be a whole number from {low:,} to {high:,}",
+                   "write it without a fraction" + (f"; {hint}" if hint else ""))
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise _bad(where, value, f"must be an integer from {low:,} to {high:,}", hint)
+    return number
+
+
+def check_float(value: Any, where: str, low: float, high: float, hint: str | None = None) -> float:
+    """A finite number in (low, high]; numeric strings count (YAML reads ``1e-3`` as a string)."""
+    number: Any = value
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            number = float(value)
+        except ValueError:
+            number = value
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise _bad(where, value, f"must be a number greater than {low:g} and at most {high:g}", hint)
+    number = float(number)
+    if not math.isfinite(number) or not low < number <= high:
+        raise _bad(where, value, f"must be a finite number greater than {low:g} and at most {high:g}", hint)
+    return number
+
+
+def check_text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(where, value, "must be a non-empty string", "quote it in YAML if it looks like a number or yes/no")
+    if len(value) > MAX_TEXT or "\0" in value:
+        raise _bad(where, value, f"must be a string of at most {MAX_TEXT} characters without NUL")
+    return value
+
+
+def parse_number(value: Any, what: str) -> float | None:
+    """A positive, finite number from a flag or YAML (``1e8`` style strings included)."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{what} {short(value)} is not a number", "write it like 1e8 or 250000") from None
+    if not number > 0 or number == float("inf"):
+        raise UsageError(f"{what} must be a positive finite number, got {short(value)}", "write it like 1e8 or 250000")
+    return number
+
+
+def parse_threshold(value: float | None, flag: str, fraction_hint: bool = False) -> float | None:
+    """An accuracy threshold in percent: within [0, 100]; with ``fraction_hint`` a value in (0, 1] is refused too."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise UsageError(f"{flag} {short(value)}: must be a percentage from 0 to 100", "accuracy is in percent")
+    if fraction_hint and 0 < value <= 1:
+        raise UsageError(f"{flag} {value:g} looks like a fraction, but accuracy is in percent",
+                         f"accuracy is in percent; did you mean {value * 100:g}?")
+    return value
+
+
+def parse_bits(value: Any, what: str) -> tuple[int, ...] | None:
+    """``"2,4,8"``, ``[2, 4, 8]`` or a single ``8`` -> (2, 4, 8)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+    if not isinstance(items, (list, tuple)) or len(items) > 16:
+        raise _bad(what, value, "expected widths like 2,4,8", "write 4,8 on the command line or [4, 8] in YAML")
+    bits = []
+    for item in items:
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit())):
+            raise _bad(what, value, "expected widths like 2,4,8", "write 4,8 on the command line or [4, 8] in YAML")
+        bits.append(int(item))
+    if not bits:
+        raise UsageError(f"{what} is empty")
+    return tuple(sorted(set(bits)))
+
+
+def parse_shape(value: Any, what: str = "--input-shape") -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` or ``[1, 3, 224, 224]`` -> (1, 3, 224, 224): batch first, bounded size."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("x", ",").split(",") if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = []
+    dims: list[int] = []
+    for part in parts:
+        if isinstance(part, str) and re.fullmatch(r"\d{1,12}", part):
+            part = int(part)
+        if isinstance(part, bool) or not isinstance(part, int) or part <= 0:
+            dims = []
+            break
+        dims.append(part)
+    if len(dims) < 2 or len(dims) > 8:
+        raise _bad(what, value, "expected 2 to 8 positive integers with the batch first",
+                   "e.g. 1,3,224,224 on the command line or [1, 3, 224, 224] in YAML")
+    check_elements(tuple(dims[1:]), what)
+    return tuple(dims)
+
+
+def check_elements(shape: tuple[int, ...], what: str) -> None:
+    """One example of ``shape`` must hold at most MAX_INPUT_ELEMENTS values (cgmq allocates it)."""
+    numel = math.prod(shape)
+    if numel > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"{what}: one example of shape {'x'.join(map(str, shape))} has {numel:,} elements, "
+                         f"more than the {MAX_INPUT_ELEMENTS:,} cgmq allocates",
+                         "pass the real input shape of the model (batch first), e.g. 1,3,224,224")
+
+
+def check_setting(key: str, value: Any, where: str) -> Any:
+    """Validate and normalise one setting (see the module docstring); ``where`` names the flag or file key."""
+    if key in INT_RANGES:
+        return check_int(value, where, *INT_RANGES[key], HINTS.get(key))
+    if key in FLOAT_RANGES:
+        return check_float(value, where, *FLOAT_RANGES[key], HINTS.get(key))
+    if key in ("weight_bits", "act_bits"):
+        return parse_bits(value, where)
+    if key == "input_shape":
+        return parse_shape(value, where)
+    if key == "leaf":
+        leaves = [value] if isinstance(value, str) else value
+        if not isinstance(leaves, (list, tuple)) or len(leaves) > 1000:
+            raise _bad(where, value, "must be a module path or a list of them", "e.g. features.3")
+        return tuple(check_text(v, where) for v in leaves)
+    if key in STRING_KEYS:
+        text = check_text(value, where)
+        if key == "finish" and text not in FINISH:
+            raise _bad(where, value, f"expected {' or '.join(FINISH)}", "the default is repair-fill")
+        if key == "device" and not DEVICE.fullmatch(text):
+            raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
+        return text
+    if key in ("amp", "trust"):
+        if not isinstance(value, bool):
+            raise _bad(where, value, "must be true or false", "write true or false without quotes")
+        return value
+    return value
 
 
 def _check_keys(found: Mapping[str, Any], known: tuple[str, ...], where: str, prefix: str = "") -> None:
     for key in found:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            raise UsageError(f"{where}: unknown setting `{prefix}{key}`" + (f"; did you mean `{prefix}{close[0]}`?" if close else ""),
+            raise UsageError(f"{where}: unknown setting `{prefix}{cut(key)}`"
+                             + (f"; did you mean `{prefix}{close[0]}`?" if close else ""),
                              f"known settings: {', '.join(known)}")
 
 
 def read_project(directory: Path | None = None) -> tuple[dict[str, Any], str | None]:
-    """The project settings and where they came from (``cgmq.yaml`` first, then pyproject.toml)."""
+    """The project settings, validated, and where they came from (``cgmq.yaml`` first, then pyproject.toml)."""
     directory = directory or Path.cwd()
     yaml_path = directory / "cgmq.yaml"
-    if yaml_path.is_file():
-        try:
-            data = yaml.safe_load(yaml_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UsageError(f"{yaml_path}: invalid YAML{where}", "fix the file or remove it") from None
+    if yaml_path.exists():
+        data = read_yaml(yaml_path, str(yaml_path), UsageError) or {}
         source = str(yaml_path)
     else:
         toml_path = directory / "pyproject.toml"
@@ -57,19 +236,24 @@ def read_project(directory: Path | None = None) -> tuple[dict[str, Any], str | N
             return {}, None
         try:
             data = tomllib.loads(toml_path.read_text()).get("tool", {}).get("cgmq", {})
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{toml_path}: invalid TOML: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{toml_path}: invalid TOML: {short(str(exc), 120)}") from None
         if not data:
             return {}, None
         source = f"{toml_path} [tool.cgmq]"
     if not isinstance(data, dict):
         raise UsageError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
     _check_keys(data, PROJECT_KEYS, source)
-    if "budgets" in data:
-        if not isinstance(data["budgets"], dict):
-            raise UsageError(f"{source}: `budgets` must be a mapping with keys {', '.join(BUDGET_KEYS)}")
-        _check_keys(data["budgets"], BUDGET_KEYS, source, "budgets.")
-    return data, source
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "budgets":
+            if value is not None and not isinstance(value, dict):
+                raise UsageError(f"{source}: `budgets` must be a mapping with keys {', '.join(BUDGET_KEYS)}")
+            _check_keys(value or {}, BUDGET_KEYS, source, "budgets.")
+            out[key] = {k: parse_number(v, f"{source}: budgets.{k}") for k, v in (value or {}).items()}
+        elif value is not None:
+            out[key] = check_setting(key, value, f"{source}: {key}")
+    return out, source
 
 
 def merged(flags: Mapping[str, Any], project: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,33 +268,6 @@ def merged(flags: Mapping[str, Any], project: Mapping[str, Any], defaults: Mappi
     return out
 
 
-def parse_number(value: Any, what: str) -> float | None:
-    """A positive, finite number from a flag or YAML (``1e8`` style strings included)."""
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} {value!r} is not a number", "write it like 1e8 or 250000") from None
-    if not number > 0 or number == float("inf"):
-        raise UsageError(f"{what} must be a positive finite number, got {value!r}")
-    return number
-
-
-def parse_bits(value: Any, what: str) -> tuple[int, ...] | None:
-    """``"2,4,8"`` or ``[2, 4, 8]`` -> (2, 4, 8)."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        bits = tuple(sorted({int(str(b).strip()) for b in items}))
-    except ValueError:
-        raise UsageError(f"{what} {value!r}: expected widths like 2,4,8") from None
-    if not bits:
-        raise UsageError(f"{what} is empty")
-    return bits
-
-
 def _default_out(model: str) -> str:
     stem = Path(model.split(":")[-1]).stem or "model"
     return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -118,16 +275,16 @@ def _default_out(model: str) -> str:
 
 def _train_config(values: dict) -> TrainConfig:
     base = TrainConfig()
-    return TrainConfig(epochs=int(values.get("epochs", base.epochs)), lr=float(values.get("lr", base.lr)),
-                       eta=values.get("eta") or base.eta, r=values.get("r") or base.r,
-                       gate_steps=values.get("gate_steps") or base.gate_steps,
+    return TrainConfig(epochs=values.get("epochs", base.epochs), lr=values.get("lr", base.lr),
+                       gate_steps=base.gate_steps if values.get("gate_steps") is None else values["gate_steps"],
                        finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
 
 
-def resolve_compress(flags: dict, budget_flags: dict) -> "CompressSettings":
-    """CompressSettings from flags > project file > profile defaults > built-in defaults."""
+def resolve_compress(flags: dict, budget_flags: dict) -> CompressSettings:
+    """CompressSettings from flags > project file > profile defaults > built-in defaults, all validated."""
+    checked_flags = {k: (check_setting(k, v, flag_name(k)) if v is not None else None) for k, v in flags.items()}
     project, _ = read_project()
-    values = merged(flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
+    values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
     if not values.get("model"):
         raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
     if not values.get("data"):
@@ -137,19 +294,61 @@ def resolve_compress(flags: dict, budget_flags: dict) -> "CompressSettings":
     budgets = profile.default_budgets.as_dict()
     budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
     budgets.update({k: v for k, v in budget_flags.items() if v is not None})
-    budget = Budget(**{k: parse_number(v, f"budget {k}") for k, v in budgets.items()})
-    for key in ("epochs", "batch_size"):
-        if int(values[key]) <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {values[key]}")
+    try:
+        budget = Budget(**{k: parse_number(v, f"budget {k}") for k, v in budgets.items()})
+    except BudgetValueError as exc:
+        raise UsageError(exc.message, exc.hint) from None
     if values.get("amp") and not str(values.get("device") or "cpu").startswith("cuda"):
         raise UsageError("--amp needs --device cuda", "drop --amp on CPU")
-    leaves = values.get("leaf") or ()
     return CompressSettings(
         model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
-        budget=budget, arch=values.get("arch"), trust=bool(values.get("trust")),
-        leaves=tuple([leaves] if isinstance(leaves, str) else leaves),
-        input_shape=api.parse_shape(values.get("input_shape")), profile=values.get("profile"),
-        weight_bits=parse_bits(values.get("weight_bits"), "--weight-bits"),
-        act_bits=parse_bits(values.get("act_bits"), "--act-bits"),
-        subset=values.get("subset"), batch_size=int(values["batch_size"]), workers=int(values["workers"]),
-        seed=int(values["seed"]), loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
+        budget=budget, arch=values.get("arch"), trust=bool(checked_flags.get("trust")),
+        leaves=tuple(values.get("leaf") or ()), input_shape=values.get("input_shape"), profile=values.get("profile"),
+        weight_bits=values.get("weight_bits"), act_bits=values.get("act_bits"),
+        subset=values.get("subset"), batch_size=values["batch_size"], workers=values["workers"],
+        seed=values["seed"], loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
+
+
+_SETTINGS_FIELDS = tuple(f.name for f in fields(CompressSettings))
+_TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+_OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
+
+
+def from_config(d: Any, where: str) -> CompressSettings:
+    """The settings saved in a run's config.json, checked like flags; trust is never read from the file."""
+    if not isinstance(d, dict):
+        raise UsageError(f"{where}: settings must be a JSON object", "the run directory was damaged or edited")
+
+    def check(mapping: dict, known: tuple[str, ...], prefix: str) -> dict:
+        for key in mapping:
+            if key not in known:
+                raise UsageError(f"{where}: unknown setting `{prefix}{cut(key)}`",
+                                 "the run directory was edited; compress again")
+        out = {}
+        for key in known:
+            if key not in mapping:
+                if key in _OPTIONAL or key == "trust":
+                    continue
+                raise UsageError(f"{where}: lacks setting `{prefix}{key}`", "the run directory was damaged or edited")
+            value = mapping[key]
+            if value is None and key in _OPTIONAL:
+                out[key] = None
+                continue
+            name = "leaf" if key == "leaves" else key
+            out[key] = check_setting(name, value, f"{where}: {prefix}{key}")
+        return out
+
+    values = check(d, _SETTINGS_FIELDS, "settings.")
+    budget = values.get("budget")
+    if not isinstance(budget, dict):
+        raise UsageError(f"{where}: settings.budget = {short(budget)}: must be a JSON object")
+    _check_keys(budget, BUDGET_KEYS, where, "settings.budget.")
+    try:
+        values["budget"] = Budget(**budget)
+    except BudgetValueError as exc:
+        raise UsageError(f"{where}: settings.{exc.message}", "the run directory was edited; compress again") from None
+    if not isinstance(values.get("train"), dict):
+        raise UsageError(f"{where}: settings.train = {short(values.get('train'))}: must be a JSON object")
+    values["train"] = TrainConfig(**check(values["train"], _TRAIN_FIELDS, "settings.train."))
+    values["trust"] = False  # trust comes from the command line of each invocation, never from a file
+    return CompressSettings(**values)

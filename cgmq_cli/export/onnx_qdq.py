@@ -39,7 +39,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, r
 from cgmq_cli.graph import passes
 from cgmq_cli.ops.base import attr_tensor
 from cgmq_cli.quant.functional import FLOAT_BITS
+from cgmq_cli.rundir import temp_file
 
 MIN_AGREEMENT = 99.9  # percent top-1 agreement with PyTorch an export must reach
 PARITY_EXAMPLES = 64  # random inputs when no validation data is given
@@ -327,7 +327,7 @@ def _write(model: onnx.ModelProto, path: Path, check) -> None:
     """Write ``model`` to a temporary file next to ``path``, run ``check(tmp)``, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent)  # short name (any legal file name works), normal permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())

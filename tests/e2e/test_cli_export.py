@@ -69,8 +69,13 @@ def test_export_never_overwrites_without_force(runs: dict[float, Path]) -> None:
     result = runner.invoke(app, ["export", str(run), "--onnx", str(target)])
     assert result.exit_code == 2 and "already exists" in result.stderr and "--force" in result.stderr
     assert target.read_bytes() == b"user data"
-    forced = runner.invoke(app, ["export", str(run), "--onnx", str(target), "--force"])
-    assert forced.exit_code == 0 and onnx.load(str(target)).graph.node
+    forced = runner.invoke(app, ["export", str(run), "--onnx", str(target), "--force"])  # not cgmq's file
+    assert forced.exit_code == 2 and "not an ONNX file exported by cgmq" in forced.stderr
+    assert target.read_bytes() == b"user data"
+    ours = run / "ours.onnx"
+    assert runner.invoke(app, ["export", str(run), "--onnx", str(ours)]).exit_code == 0
+    again = runner.invoke(app, ["export", str(run), "--onnx", str(ours), "--force"])  # cgmq's own export: replaced
+    assert again.exit_code == 0 and onnx.load(str(ours)).graph.node
 
 
 def test_export_opset_17_and_21(runs: dict[float, Path]) -> None:

@@ -303,3 +303,94 @@ def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path)
         assert budget.is_satisfied_by(qm.cost()) and bits == qm.widths()
 
     check()
+
+
+# -- property: random flag values and project keys ------------------------------------------------
+
+def _pools():
+    """(value, valid) choices for every numeric flag and project key: out of range and wrong types included."""
+    from hypothesis import strategies as st
+
+    from cgmq_cli.settings import INT_RANGES
+
+    def integer(key: str):
+        low, high = INT_RANGES[key]
+        ints = st.integers(-10**12, 10**12).map(lambda v: (v, low <= v <= high))
+        odd = st.sampled_from([(2**70, False), ("abc", False), ("", False), ("1.5", False), ("nan", False),
+                               ("1e3", False), (str(low), True), (high, True)])
+        return st.one_of(ints, odd)
+
+    lr = st.one_of(st.floats(-10, 20, allow_nan=False).map(lambda v: (v, 0 < v <= 10)),
+                   st.sampled_from([("nan", False), ("inf", False), ("-inf", False), ("0", False), ("1e400", False),
+                                    ("lots", False), ("1e-3", True), (1e-3, True)]))
+    bits = st.sampled_from([("4,8", True), ([2, 16], True), (8, True), ("3", False), ("4,x", False), ([True], False),
+                            ({"a": 1}, False)])
+    shape = st.sampled_from([("1,1,8,8", True), ([1, 1, 8, 8], True), ("1,x", False), (1, False), ([0, 1], False),
+                             ("1,1,100000,100000", False)])
+    text = st.sampled_from([(5, False), ([1], False), ({"a": 1}, False), (True, False)])
+    return {
+        "epochs": integer("epochs"), "batch_size": integer("batch_size"), "subset": integer("subset"),
+        "seed": integer("seed"), "workers": integer("workers"), "gate_steps": integer("gate_steps"), "lr": lr,
+        "weight_bits": bits, "act_bits": bits, "input_shape": shape,
+        "device": st.sampled_from([("cpu", True), ("gpu", False), ("", False)]) | text,
+        "finish": st.sampled_from([("repair-fill", True), ("constraint", True), ("magic", False)]),
+        "leaf": st.sampled_from([(5, False), ([1, 2], False)]),
+        "data": st.sampled_from([("digits", True)]) | text,
+    }
+
+
+FLAG_ONLY = ("gate_steps", "finish")  # compress flags that are not project keys
+PROJECT_ONLY = ("leaf",)  # tested as a project key only (a valid --leaf needs a real submodule)
+
+
+def test_random_flags_and_project_keys_exit_cleanly(digits_ckpt: str, tmp_path: Path) -> None:
+    """Any mix of flag values and cgmq.yaml keys: exit 2 naming a bad one (one line), or exit 3 from the
+    always-infeasible budget when all are valid; never exit 1, never a file written or changed outside --out."""
+    import yaml
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    pools = _pools()
+    keys = sorted(pools)
+    counter = {"n": 0}
+
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(flags=st.fixed_dictionaries({}, optional={k: pools[k] for k in keys if k not in PROJECT_ONLY}),
+           project=st.fixed_dictionaries({}, optional={k: pools[k] for k in keys if k not in FLAG_ONLY}))
+    def check(flags, project):
+        counter["n"] += 1
+        work = tmp_path / f"ex{counter['n']}"
+        work.mkdir()
+        if project:
+            (work / "cgmq.yaml").write_text(yaml.safe_dump({k: v for k, (v, _) in project.items()}))
+        args = ["compress", digits_ckpt, "--arch", ARCH, "--out", str(work / "out"), "--budget-bops", "1000"]
+        for key, (value, _) in flags.items():
+            args += ["--" + key.replace("_", "-"), value if isinstance(value, str) else
+                     ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        bad = [k for k, (_, ok) in flags.items() if not ok] + [k for k, (_, ok) in project.items() if not ok]
+        if "data" not in project and "data" not in flags:
+            args += ["--data", "digits"]
+        before = snapshot_dir(work)
+        cwd = os.getcwd()
+        os.chdir(work)
+        try:
+            result = runner.invoke(app, args)
+        finally:
+            os.chdir(cwd)
+        assert result.exit_code in (0, 2, 3), (args, project, result.output)
+        assert snapshot_dir(work) == before and not (work / "out").exists()
+        if bad:
+            error = _assert_one_line_error_line(result, EXIT_BAD_INPUT)
+            assert any(k in error or k.replace("_", "-") in error for k in bad), (bad, error)
+        else:
+            assert result.exit_code == EXIT_INFEASIBLE, (args, project, result.output)
+
+    check()
+
+
+def snapshot_dir(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _assert_one_line_error_line(result, code: int) -> str:
+    _assert_one_line_error(result, code)
+    return next(line for line in result.stderr.splitlines() if line.startswith("error: "))

@@ -126,5 +126,5 @@ def test_report_formats_and_check(digits_ckpt: str, tmp_path: Path) -> None:
     assert csv_out[0] == "layer,op,macs,params,bits_w,bits_a,bops,bops_share,weight_bytes" and len(csv_out) == 5
     ok = runner.invoke(app, ["check", run, "--max-rel-bops", "2", "--min-accuracy", "10"])
     assert ok.exit_code == 0 and ok.stdout.splitlines()[0].startswith("PASS budget rel_bops: ")
-    bad = runner.invoke(app, ["check", run, "--min-accuracy", "100.5"])
+    bad = runner.invoke(app, ["check", run, "--min-accuracy", "100"])
     assert bad.exit_code == 4 and "FAIL min accuracy:" in bad.stdout
