@@ -6,6 +6,7 @@ The op registry (:mod:`cgmq_cli.ops`) declares every entry under these names;
 
 from __future__ import annotations
 
-PROFILE_KINDS = ("conv", "depthwise", "conv1d", "linear")  # keys of a profile's per_op
+PROFILE_KINDS = ("conv", "depthwise", "conv1d", "linear", "matmul", "embedding")  # keys of a profile's per_op
 PROFILE_ALIASES = {"conv2d": "conv"}  # the registry reports plain 2-D convolutions as "conv2d"
-INTEGER_OPS = ("conv", "linear", "add", "concat", "pooling")  # what a profile's integer_ops may list
+# what a profile's integer_ops may list
+INTEGER_OPS = ("conv", "linear", "matmul", "embedding", "add", "concat", "pooling")

@@ -53,13 +53,22 @@ class LayerInfo:
     op: str  # "conv2d" | "depthwise" | "conv1d" | "linear" | ...
     node: str  # fx node name of the call
     weight_key: str | None  # quantizer of the weight (None: activation x activation)
-    act_keys: tuple[str, ...]  # quantizers of the activation operands, in operand order
+    act_keys: tuple[str, ...]  # quantizers of the activation operands, in operand order (none: a lookup)
     weight_shape: tuple[int, ...]
     params: int  # weight elements stored (0 at a repeated call site)
     bias_params: int
     takes_network_input: bool
     integer: str  # the profile's integer_ops name of the op
     macs: int = 0  # per example
+    bias: str | None = None  # the bias attribute (a float parameter counted with the layer)
+
+    @property
+    def cost_keys(self) -> tuple[str | None, str | None]:
+        """(the quantizer in the weight slot, the one in the input slot) of the cost model:
+        an activation product puts its right operand in the weight slot; a lookup has no input."""
+        if self.weight_key is None:
+            return self.act_keys[1], self.act_keys[0]
+        return self.weight_key, (self.act_keys[0] if self.act_keys else None)
 
 
 @dataclass(frozen=True)
@@ -182,25 +191,29 @@ def insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> tuple[list[LayerIn
     layers: list[LayerInfo] = []
     seen: dict[str, int] = {}
     for call in calls:
-        weight = ops.base.attr_tensor(gm, call.weight.target)
-        if call.layer not in weight_key:
+        weight = ops.base.attr_tensor(gm, call.weight.target) if call.weight is not None else None
+        if weight is not None and call.layer not in weight_key:
             key = weight_key[call.layer] = _key("w", call.layer, taken)
-            channels = weight.shape[call.kind.weight_axis] if spec.per_channel else None
-            qroot[key] = GatedQuantizer("weight", widths[call.layer][0], channels, reduced=spec.reduce_range)
+            axis = call.kind.weight_axis
+            channels = weight.shape[axis] if spec.per_channel else None
+            qroot[key] = GatedQuantizer("weight", widths[call.layer][0], channels, reduced=spec.reduce_range, axis=axis)
             infos[key] = QuantizerInfo(key, "weight", call.weight.target, (call.layer,))
-        with graph.inserting_before(call.node):
-            wq = graph.call_module(f"{QUANT_ROOT}.{weight_key[call.layer]}", (call.weight,))
-        call.node.replace_input_with(call.weight, wq)
+        if weight is not None:
+            with graph.inserting_before(call.node):
+                wq = graph.call_module(f"{QUANT_ROOT}.{weight_key[call.layer]}", (call.weight,))
+            call.node.replace_input_with(call.weight, wq)
         k = seen.get(call.layer, 0)
         seen[call.layer] = k + 1
         bias = ops.base.attr_tensor(gm, call.bias.target) if ops.base.is_param_attr(gm, call.bias) else None
         operands = tuple(act_key[x] for x in call.inputs)
         layers.append(LayerInfo(
             name=call.layer if k == 0 else f"{call.layer}#{k}", layer=call.layer, op=call.op, node=call.node.name,
-            weight_key=weight_key[call.layer], act_keys=operands, weight_shape=tuple(weight.shape),
-            params=int(weight.numel()) if k == 0 else 0, bias_params=int(bias.numel()) if bias is not None and k == 0 else 0,
+            weight_key=weight_key.get(call.layer), act_keys=operands,
+            weight_shape=tuple(weight.shape) if weight is not None else (),
+            params=int(weight.numel()) if weight is not None and k == 0 else 0,
+            bias_params=int(bias.numel()) if bias is not None and k == 0 else 0,
             takes_network_input=any(x.op == "placeholder" for x in call.inputs), integer=call.kind.integer,
-            macs=call.kind.macs(call)))
+            macs=call.kind.macs(call), bias=str(call.bias.target) if bias is not None else None))
     graph.lint()
     gm.recompile()
     return layers, infos

@@ -4,10 +4,13 @@
   quantized; their allowed widths are the intersection of what the profile
   allows for each layer that reads the tensor (the network input: the
   profile's ``input_bits``).
-* On a profile with integer kernels (``integer_ops``), every integer op also
-  needs its *output* quantized, after a ReLU-like activation that the runtime
-  fuses (onnxruntime fuses ``DQ -> op -> [Relu/Clip] -> Q`` only when that Q
-  is the op's sole consumer), and the tensor ops among ``integer_ops`` (add,
+* On a profile with integer kernels (``integer_ops``), an integer op whose
+  kernel writes integers (conv, add, concat, pooling: ``output_quantized`` in
+  the registry) also needs its *output* quantized, after a ReLU-like
+  activation that the runtime fuses (onnxruntime fuses
+  ``DQ -> op -> [Relu/Clip] -> Q`` only when that Q is the op's sole
+  consumer; linear and matmul have float-output integer kernels), and the
+  tensor ops among ``integer_ops`` (add,
   concat, pooling) need their inputs quantized. Every reader of such a tensor
   then reads the quantized value, and a request on the output of a
   grid-preserving op (max-pooling, flatten, ...) moves to that op's input: the
@@ -86,7 +89,7 @@ def plan(gm: fx.GraphModule, calls: Sequence[ops.Call], allowed_for: Callable[[o
             if op is not None and op.integer in integer_ops:
                 for operand in op.tensor_inputs(node):
                     request(operand, node, None, None)
-        producers = [c.node for c in calls if c.kind.integer in integer_ops]
+        producers = [c.node for c in calls if c.kind.integer in integer_ops and c.kind.output_quantized]
         producers += [n for n in gm.graph.nodes if (op := ops.tensor_op(n, modules)) is not None
                       and op.integer in integer_ops]
         for node in producers:

@@ -7,14 +7,17 @@ being traced when it failed and the construct, and suggests ``--leaf``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
+import torch.fx._symbolic_trace as fx_trace
 from torch import fx, nn
 
 from cgmq_cli.errors import TraceError
+from cgmq_cli.graph import attention
 
 _CONSTRUCTS = (
     ("cannot be used as inputs to control flow", "data-dependent control flow (an `if`/`while` on a tensor value)"),
@@ -69,25 +72,86 @@ def check_leaves(model: nn.Module, leaves: Iterable[str]) -> None:
             raise TraceError(f"--leaf {leaf}: the model has no submodule of that name", hint)
 
 
-def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` into a GraphModule (an existing GraphModule is copied)."""
+@contextlib.contextmanager
+def _inlining_wrapped_functions() -> Iterator[None]:
+    """Trace *through* functions registered with ``torch.fx.wrap`` (e.g. torchvision's Swin attention),
+    so that their linear layers and products are seen; restored afterwards."""
+    saved = dict(fx_trace._wrapped_fns_to_patch)
+    fx_trace._wrapped_fns_to_patch.clear()
+    try:
+        yield
+    finally:
+        fx_trace._wrapped_fns_to_patch.update(saved)
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = (), example: torch.Tensor | None = None) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule whose compute cgmq can see (an existing GraphModule is copied).
+
+    ``nn.MultiheadAttention`` modules are written out first (see
+    :mod:`cgmq_cli.graph.attention`; on a copy, the user's model is not
+    changed). Then torch.fx traces, *through* functions wrapped with
+    ``torch.fx.wrap`` when that works; when it does not, or fx fails, and an
+    ``example`` input is given, ``torch.export`` traces instead
+    (:mod:`cgmq_cli.graph.export_trace`); when both fail, the fx error names
+    the submodule. ``F.scaled_dot_product_attention`` becomes its two matmuls.
+    """
     leaves = list(leaves)
     if isinstance(model, fx.GraphModule) and not leaves:
-        return copy.deepcopy(model)
+        gm = copy.deepcopy(model)
+        if hasattr(gm.graph._codegen, "pytree_info"):  # a torch.export program's module (a .pt2)
+            from cgmq_cli.graph.export_trace import plain_module
+
+            gm = plain_module(gm)
+        attention.decompose_sdpa(gm)
+        return gm
     check_leaves(model, leaves)
-    tracer = CgmqTracer(leaves)
+    if any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        model = copy.deepcopy(model)
+        attention.replace_multihead_attention(model, set(leaves))
+    wrapped = {name for _, name in fx_trace._wrapped_fns_to_patch}
+    gm = None
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; all mean "not traceable"
-        failed_in = tracer.cgmq_failed_in
-        where = failed_in if failed_in else "<top-level model>"
-        raise TraceError(
-            f"cannot trace module `{where}` ({type(model).__name__}): {_describe(exc)}",
-            f"keep that submodule untraced with `--leaf {where}`"
-            if failed_in
-            else "rewrite the construct without tensor-dependent Python control flow",
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        with _inlining_wrapped_functions():
+            gm = fx.GraphModule(model, CgmqTracer(leaves).trace(model), type(model).__name__)
+    except Exception:  # a wrapped function cannot be traced through
+        pass
+    if gm is None:
+        tracer = CgmqTracer(leaves)
+        try:
+            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+        except Exception as exc:  # fx raises many types; all mean "not traceable"
+            exported = _exported(model, example, leaves)
+            if exported is None:
+                raise _trace_error(tracer, model, exc) from exc
+            gm = exported
+        else:
+            if any(n.op == "call_function" and getattr(n.target, "__name__", "") in wrapped for n in gm.graph.nodes):
+                gm = _exported(model, example, leaves) or gm  # the wrapped calls hide compute: export sees it
+    attention.decompose_sdpa(gm)
+    return gm
+
+
+def _exported(model: nn.Module, example: torch.Tensor | None, leaves: list[str]) -> fx.GraphModule | None:
+    """torch.export's graph of ``model``, or None (no example, --leaf given, or export fails)."""
+    if example is None or leaves:
+        return None
+    from cgmq_cli.graph.export_trace import export_module
+
+    try:
+        return export_module(model, example)
+    except Exception:  # torch.export raises many types; the fx error is the one to show
+        return None
+
+
+def _trace_error(tracer: CgmqTracer, model: nn.Module, exc: Exception) -> TraceError:
+    failed_in = tracer.cgmq_failed_in
+    where = failed_in if failed_in else "<top-level model>"
+    return TraceError(
+        f"cannot trace module `{where}` ({type(model).__name__}): {_describe(exc)}",
+        f"keep that submodule untraced with `--leaf {where}`"
+        if failed_in
+        else "rewrite the construct without tensor-dependent Python control flow",
+    )
 
 
 def example_forward(gm: nn.Module, example: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,13 @@ from torch import fx, nn
 
 from cgmq_cli.ops.base import Call, ComputeOp, Read, TensorOp
 from cgmq_cli.ops.conv import Conv1d, Conv2d
+from cgmq_cli.ops.embedding import Embedding
 from cgmq_cli.ops.linear import Linear
+from cgmq_cli.ops.matmul import MatMul
 from cgmq_cli.ops.tensor_ops import TENSOR_OPS, fused_activation, is_passthrough
 
-COMPUTE_OPS: tuple[ComputeOp, ...] = (Conv1d(), Conv2d(), Linear())
+# Order matters for read-back: a MatMul with a constant operand is a linear layer before it is a product.
+COMPUTE_OPS: tuple[ComputeOp, ...] = (Conv1d(), Conv2d(), Linear(), MatMul(), Embedding())
 # What a profile's ``integer_ops`` may list: the op kinds a target runs as integer kernels.
 INTEGER_OPS: tuple[str, ...] = tuple(dict.fromkeys([op.integer for op in COMPUTE_OPS] + [op.integer for op in TENSOR_OPS]))
 ONNX_COMPUTE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for op in COMPUTE_OPS for t in op.onnx_ops))

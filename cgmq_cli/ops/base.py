@@ -47,7 +47,7 @@ class Call:
 class Read:
     """What a QDQ file says about one compute node (read-back)."""
 
-    act: str  # name of the (left) activation input
+    act: str | None  # name of the (left) activation input (None: a lookup, whose input is indices)
     weight: str  # name of the weight input (or the right activation of act x act)
     macs: int  # per example
     bias: str | None = None
@@ -87,9 +87,9 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
 
 
 def per_example(shape: Sequence[int]) -> int:
-    """Elements of one example of a batch-1 shape (all of it for a 0-/1-D tensor)."""
-    dims = list(shape)
-    return int(torch.Size(dims[1:]).numel()) if len(dims) > 1 else int(torch.Size(dims).numel())
+    """Elements of a tensor computed for the batch-1 example: all of them, since a model may fold
+    windows or heads into dimension 0 (Swin's window attention runs on (batch x windows, ...))."""
+    return int(torch.Size(list(shape)).numel())
 
 
 def is_param_attr(gm: fx.GraphModule, node: Any) -> bool:
@@ -128,6 +128,9 @@ class ComputeOp:
     methods: ClassVar[tuple[str, ...]] = ()
     onnx_ops: ClassVar[tuple[str, ...]] = ()
     weight_axis: ClassVar[int] = 0  # the weight's output-channel axis (per-channel steps)
+    # Whether the integer kernel needs its output quantized (onnxruntime fuses Conv only with a Q after
+    # it; MatMul and Gemm have float-output integer kernels: MatMulIntegerToFloat, QGemm).
+    output_quantized: ClassVar[bool] = False
 
     # -- fx --------------------------------------------------------------------
     def functionalize(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
@@ -159,6 +162,7 @@ class TensorOp:
     functions: ClassVar[tuple[Any, ...]] = ()
     methods: ClassVar[tuple[str, ...]] = ()
     onnx_ops: ClassVar[tuple[str, ...]] = ()
+    output_quantized: ClassVar[bool] = True  # QLinearAdd, QLinearConcat, QLinearAveragePool write integers
 
     def matches(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return _targets(node, modules, self.modules, self.functions, self.methods)

@@ -19,6 +19,7 @@ from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, is_param_attr, 
 class _Conv(ComputeOp):
     integer = "conv"
     onnx_ops = ("Conv",)
+    output_quantized = True
     functional_fn: Any = None
 
     def functionalize(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:

@@ -51,6 +51,7 @@ class GatedQuantizer(nn.Module):
         signedness: str = "auto",
         reduced: bool = False,
         upper: float | None = None,
+        axis: int = 0,
     ) -> None:
         super().__init__()
         if kind not in ("weight", "act"):
@@ -61,6 +62,7 @@ class GatedQuantizer(nn.Module):
         self.signedness = "signed" if kind == "weight" else signedness
         self.reduced = bool(reduced) and kind == "weight"
         self.upper = upper
+        self.axis = axis  # the channel axis of a per-channel weight (0: output channels first)
         shape = (channels,) if channels is not None else ()
         widths = [b for b in self.allowed if b < F.FLOAT_BITS]
         self.steps = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(shape)) for b in widths})
@@ -133,7 +135,7 @@ class GatedQuantizer(nn.Module):
         if bool(self.has_zero_point):
             z = self.zero_point(bits).to(x.device)
             return F.fake_quant(x, step, qmin - z, qmax - z)
-        return F.fake_quant(x, F.channel_view(step, x.ndim), qmin, qmax)
+        return F.fake_quant(x, F.channel_view(step, x.ndim, self.axis), qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantizer math always runs in float32, also under autocast (--amp)."""
@@ -170,6 +172,8 @@ class GatedQuantizer(nn.Module):
         zero point of 0 (and no zero point is learned) unless the data has both signs.
         """
         x = x.detach().float()
+        if self.per_channel and self.axis != 0:
+            x = x.movedim(self.axis, 0)
         if self.upper is not None:
             x = x.clamp(max=self.upper)
         if self.kind == "act":
