@@ -30,6 +30,7 @@ class ModelRequest:
     trust: bool = False
     leaves: tuple[str, ...] = ()
     input_shape: tuple[int, ...] | None = None  # with batch dim, as typed
+    input_dtype: str = "float32"  # float32, or int64 for token ids
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -57,10 +58,16 @@ def load(request: ModelRequest) -> tuple[nn.Module, checkpoint.ModelSource]:
     return checkpoint.load_model(request.model, request.arch, request.trust)
 
 
-def prepare(model: nn.Module, sample_shape: Sequence[int], leaves: Sequence[str], profile: HardwareProfile) -> qmodel.QuantizedModel:
-    """Insert quantizers with the widths, signedness and granularity the profile allows."""
+def prepare(model: nn.Module, sample_shape: Sequence[int], leaves: Sequence[str], profile: HardwareProfile,
+            dtype: str = "float32") -> qmodel.QuantizedModel:
+    """Insert quantizers with the widths, signedness and granularity the profile allows.
+
+    ``dtype`` is the input's: ``float32``, or ``int64`` for token ids (a model that starts with an embedding).
+    """
+    import torch
+
     return qmodel.prepare(
-        model, sample_shape, leaves,
+        model, sample_shape, leaves, input_dtype=getattr(torch, dtype),
         widths_for=profile.widths_for,
         input_bits=profile.input_bits,
         signedness=profile.act_signedness,
@@ -77,9 +84,10 @@ class InspectResult:
     sample_shape: tuple[int, ...]
     layers: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    float_ops: list[dict] = field(default_factory=list)  # compute left in float, with the reason
 
     def as_dict(self) -> dict:
-        return {"layers": self.layers, "totals": self.totals}
+        return {"layers": self.layers, "totals": self.totals, "float_ops": self.float_ops}
 
 
 def inspect(request: ModelRequest, profile_spec: str | None = None) -> InspectResult:
@@ -90,8 +98,11 @@ def inspect(request: ModelRequest, profile_spec: str | None = None) -> InspectRe
     model, source = load(request)
     shape = sample_shape_for(request, source)
     check_elements(tuple(shape), "the example input")
-    qm = prepare(model, shape, request.leaves, profile)
+    dtype = source.sample_dtype if request.input_dtype == "float32" else request.input_dtype
+    qm = prepare(model, shape, request.leaves, profile, dtype)
     summary = qm.cost()
     layers = [{"name": s.name, "op": s.op, "macs": s.macs, "params": s.params} for s in qm.shapes]
-    totals = {"macs": summary.macs, "params": summary.params, "bops_fp32": summary.bops_fp32}
-    return InspectResult(model=request.model, sample_shape=shape, layers=layers, totals=totals)
+    totals = {"macs": summary.macs, "quantized_macs": summary.quantized_macs, "coverage": summary.coverage,
+              "params": summary.params, "float_params": summary.float_params, "bops_fp32": summary.bops_fp32}
+    return InspectResult(model=request.model, sample_shape=shape, layers=layers, totals=totals,
+                         float_ops=[op.as_dict() for op in qm.float_ops])

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -175,10 +176,14 @@ def inspect(
     leaf: Optional[List[str]] = LeafOpt,
     trust_checkpoint: bool = TrustOpt,
     profile: Optional[str] = ProfileOpt,
+    input_dtype: str = typer.Option("float32", "--input-dtype", help="Input element type: float32, or int64 for token ids."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout instead of a table."),
 ) -> None:
-    """List the quantizable layers of a model with MACs, parameters and totals."""
-    result = api.inspect(model_request(model, arch, trust_checkpoint, leaf, input_shape), profile)
+    """List the quantizable layers of a model with MACs, parameters, totals and the compute left in float."""
+    if input_dtype not in ("float32", "int64"):
+        raise UsageError(f"--input-dtype {input_dtype!r}: expected float32 or int64")
+    request = replace(model_request(model, arch, trust_checkpoint, leaf, input_shape), input_dtype=input_dtype)
+    result = api.inspect(request, profile)
     if as_json:
         render.json_out(result.as_dict())
     else:
@@ -335,6 +340,7 @@ def check(
     max_weight_bytes: Optional[str] = typer.Option(None, "--max-weight-bytes", help="Fail when weight memory exceeds N bytes."),
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="Fail when quantized accuracy (percent) is below A."),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail when float minus quantized accuracy exceeds D points."),
+    min_coverage: Optional[float] = typer.Option(None, "--min-coverage", help="Fail when less than P percent of the model's MACs run in quantized layers."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """CI gate: exit 0 only when the run is within its budgets and every given threshold holds."""
@@ -342,7 +348,8 @@ def check(
                   max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
                   max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
                   min_accuracy=settings.parse_threshold(min_accuracy, "--min-accuracy", fraction_hint=True),
-                  max_accuracy_drop=settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop"))
+                  max_accuracy_drop=settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop"),
+                  min_coverage=settings.parse_threshold(min_coverage, "--min-coverage"))
     (run_dir, rep_dict), = _load_reports([run] if run else None)
     results = checks.run_checks(rep_dict, **limits)
     failed = [r for r in results if not r.ok]

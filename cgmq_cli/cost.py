@@ -50,6 +50,14 @@ class LayerShape:
 
 
 @dataclass(frozen=True)
+class Extras:
+    """What no width changes: compute left in float, parameters kept in float (see graph/coverage.py)."""
+
+    float_macs: int = 0
+    float_params: int = 0
+
+
+@dataclass(frozen=True)
 class LayerCost:
     name: str
     op: str
@@ -65,10 +73,21 @@ class LayerCost:
 @dataclass(frozen=True)
 class CostSummary:
     layers: tuple[LayerCost, ...]
-    macs: int
+    macs: int  # of the whole model: quantized layers + float compute
     params: int
     bops_fp32: int
     values: dict = field(default_factory=dict)  # metric key -> total
+    float_macs: int = 0
+    float_params: int = 0
+
+    @property
+    def quantized_macs(self) -> int:
+        return self.macs - self.float_macs
+
+    @property
+    def coverage(self) -> float:
+        """Percent of the model's MACs that run in quantized layers."""
+        return 100.0 * self.quantized_macs / self.macs if self.macs else 100.0
 
     def __getattr__(self, key: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -77,16 +96,20 @@ class CostSummary:
         raise AttributeError(key)
 
     def as_dict(self) -> dict:
-        return {**{k: self.values[k] for k in KEYS}, "macs": self.macs, "bops_fp32": self.bops_fp32}
+        return {**{k: self.values[k] for k in KEYS}, "macs": self.macs, "bops_fp32": self.bops_fp32,
+                "quantized_macs": self.quantized_macs, "float_macs": self.float_macs,
+                "float_params": self.float_params, "coverage": self.coverage}
 
 
-def context(layers: Sequence[LayerShape], mac_cost: MacCost | None = None) -> Context:
-    return Context(macs=sum(layer.macs for layer in layers), mac_cost=mac_cost)
+def context(layers: Sequence[LayerShape], mac_cost: MacCost | None = None, extras: Extras = Extras()) -> Context:
+    return Context(macs=sum(layer.macs for layer in layers), float_macs=extras.float_macs,
+                   float_params=extras.float_params, mac_cost=mac_cost)
 
 
-def summarize(layers: Sequence[LayerShape], widths: Widths, mac_cost: MacCost | None = None) -> CostSummary:
-    """Exact cost of one assignment of widths to quantizers."""
-    ctx = context(layers, mac_cost)
+def summarize(layers: Sequence[LayerShape], widths: Widths, mac_cost: MacCost | None = None,
+              extras: Extras = Extras()) -> CostSummary:
+    """Exact cost of one assignment of widths to quantizers (plus what stays float, ``extras``)."""
+    ctx = context(layers, mac_cost, extras)
     rows = [layer.row(widths) for layer in layers]
     per_layer = [LayerCost(
         name=layer.name, op=layer.op, macs=layer.macs, params=layer.params, bits_w=r.bits_w, bits_a=r.bits_a,
@@ -95,7 +118,8 @@ def summarize(layers: Sequence[LayerShape], widths: Widths, mac_cost: MacCost | 
     values = {key: metric.total(rows, ctx) for key, metric in METRICS.items()}
     values["bops"] = int(values["bops"])
     return CostSummary(layers=tuple(per_layer), macs=ctx.macs + ctx.float_macs,
-                       params=sum(layer.params for layer in layers), bops_fp32=ctx.bops_fp32, values=values)
+                       params=sum(layer.params for layer in layers), bops_fp32=ctx.bops_fp32, values=values,
+                       float_macs=ctx.float_macs, float_params=ctx.float_params)
 
 
 def extreme_cost(
@@ -103,6 +127,7 @@ def extreme_cost(
     allowed: Mapping[str, Sequence[int]],
     mac_cost: MacCost | None = None,
     lowest: bool = True,
+    extras: Extras = Extras(),
 ) -> CostSummary:
     """Cost with every quantizer at its narrowest (``lowest``) or widest allowed width.
 
@@ -111,4 +136,4 @@ def extreme_cost(
     validate that), so it decides feasibility.
     """
     pick = min if lowest else max
-    return summarize(layers, {key: pick(widths) for key, widths in allowed.items()}, mac_cost)
+    return summarize(layers, {key: pick(widths) for key, widths in allowed.items()}, mac_cost, extras)

@@ -168,7 +168,7 @@ def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None,
             float_info = onnx_qdq.export_float(qm, float_path, opset)
     latency = {}
     if benchmark:
-        example = torch.zeros((1, *qm.sample_shape))
+        example = torch.zeros((1, *qm.sample_shape), dtype=qm.sample_dtype)
         latency["qdq"] = verify.latency(onnx_path, example)
         if float_info is not None:
             latency["float"] = verify.latency(float_path, example)

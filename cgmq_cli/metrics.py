@@ -23,7 +23,8 @@ from typing import Callable
 
 LN2 = math.log(2.0)
 FLOAT_BITS = 32
-BIAS_BYTES = 4
+BIAS_BYTES = 4  # biases stay float32
+FLOAT_PARAM_BYTES = 4  # a parameter left in float counts at 32 bits
 
 MacCost = Callable[[int, int], float]
 
@@ -129,7 +130,7 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
            slope=_bops_slope, upper=100.0),
     Metric("weight_bytes", "--budget-weight-bytes", "bytes",
            "weights x b_w / 8 + 4 bytes per bias element and per parameter left in float",
-           _bytes, constant=lambda ctx: float(BIAS_BYTES * ctx.float_params), slope=_bytes_slope),
+           _bytes, constant=lambda ctx: float(FLOAT_PARAM_BYTES * ctx.float_params), slope=_bytes_slope),
     Metric("cost", "--budget-cost", "table", "sum of MACs x table[b_w, b_a] of the profile's cost table",
            _table, constant=_float_table),
 )}

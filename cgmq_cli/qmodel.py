@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from cgmq_cli import cost
 from cgmq_cli.errors import UsageError
-from cgmq_cli.graph import passes, trace
+from cgmq_cli.graph import coverage, passes, trace
 from cgmq_cli.ops.base import attr_tensor
 from cgmq_cli.quant.modules import GatedQuantizer
 
@@ -40,6 +40,9 @@ class QuantizedModel:
     sample_shape: tuple[int, ...]
     tensors: dict[str, passes.QuantizerInfo]
     integer_ops: frozenset[str] = frozenset()
+    sample_dtype: torch.dtype = torch.float32
+    float_ops: list = field(default_factory=list)  # coverage.FloatOp: compute left in float
+    extras: cost.Extras = cost.Extras()
 
     # -- quantizers --------------------------------------------------------------
     def tensor_quantizers(self) -> dict[str, GatedQuantizer]:
@@ -49,7 +52,7 @@ class QuantizedModel:
     def quantizers(self) -> dict[str, tuple[GatedQuantizer, GatedQuantizer]]:
         """Layer call -> (weight quantizer, input quantizer); tensors read by several layers share one."""
         qs = self.tensor_quantizers()
-        return {layer.name: (qs[layer.weight_key], qs[layer.act_keys[0]]) for layer in self.layers}
+        return {s.name: (qs.get(s.weight_key), qs.get(s.act_key)) for s in self.shapes}
 
     def all_quantizers(self) -> list[GatedQuantizer]:
         return list(self.tensor_quantizers().values())
@@ -86,8 +89,8 @@ class QuantizedModel:
         self.set_widths(wanted)
 
     def cost(self, mac_cost: cost.MacCost | None = None) -> cost.CostSummary:
-        """Exact cost of the current integer widths."""
-        return cost.summarize(self.shapes, self.widths(), mac_cost)
+        """Exact cost of the current integer widths (float compute and float parameters included)."""
+        return cost.summarize(self.shapes, self.widths(), mac_cost, self.extras)
 
     # -- training modes ----------------------------------------------------------
     def weight_params(self) -> list[nn.Parameter]:
@@ -153,22 +156,29 @@ def prepare(
     integer_ops: Iterable[str] = (),
     reduce_range: bool = False,
     integer_width: int = 8,
+    input_dtype: torch.dtype = torch.float32,
 ) -> QuantizedModel:
     """Trace, fold BN, insert quantizers and measure MACs for one example of ``sample_shape``."""
-    gm = trace.trace(model.eval(), leaves)
+    leaves = list(leaves)
+    gm = trace.trace(model.eval(), leaves, torch.zeros((2, *sample_shape), dtype=input_dtype))
     gm = passes.fold_batchnorm(gm)
     gm = passes.functionalize(gm)
-    example = torch.zeros((1, *sample_shape))
+    example = torch.zeros((1, *sample_shape), dtype=input_dtype)
     _run_checked(lambda: ShapeProp(gm).propagate(example), example)
     spec = passes.QuantSpec(widths_for=widths_for, input_bits=input_bits, signedness=signedness,
                             per_channel=per_channel, integer_ops=frozenset(integer_ops), reduce_range=reduce_range,
                             integer_width=integer_width)
     layers, tensors = passes.insert_quantizers(gm, spec)
     _run_checked(lambda: trace.example_forward(gm, example), example)
-    shapes = [cost.LayerShape(layer.name, layer.op, layer.macs, layer.params, layer.bias_params,
-                              layer.weight_key, layer.act_keys[0]) for layer in layers]
+    shapes = [cost.LayerShape(layer.name, layer.op, layer.macs, layer.params, layer.bias_params, *layer.cost_keys)
+              for layer in layers]
+    float_ops = coverage.float_compute(gm, example, {layer.node for layer in layers}, set(leaves))
+    float_params = coverage.float_parameters(
+        gm, {info.tensor for info in tensors.values() if info.kind == "weight"},
+        {layer.bias for layer in layers if layer.bias})
+    extras = cost.Extras(float_macs=sum(op.macs for op in float_ops), float_params=float_params)
     return QuantizedModel(gm=gm, layers=layers, shapes=shapes, sample_shape=tuple(sample_shape), tensors=tensors,
-                          integer_ops=spec.integer_ops)
+                          integer_ops=spec.integer_ops, sample_dtype=input_dtype, float_ops=float_ops, extras=extras)
 
 
 def _run_checked(fn, example: torch.Tensor) -> None:

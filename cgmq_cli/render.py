@@ -17,6 +17,8 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.table import Table
 
+from cgmq_cli.report import coverage_line
+
 from cgmq_cli.sanitize import clean
 
 
@@ -77,15 +79,19 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], rig
 
 
 def inspect_table(result: Any) -> None:
-    total = result.totals["macs"] or 1
+    t = result.totals
+    total = t["macs"] or 1
     rows = [(l["name"], l["op"], f"{l['macs']:,}", f"{l['params']:,}", f"{100 * l['macs'] / total:.1f}%")
             for l in result.layers]
-    rows.append(("total", "", f"{result.totals['macs']:,}", f"{result.totals['params']:,}", "100.0%"))
+    rows += [(f"{op['what']} (float)", "-", f"{op['macs']:,}", "", f"{100 * op['macs'] / total:.1f}%")
+             for op in result.float_ops]
+    rows.append(("total", "", f"{t['macs']:,}", f"{t['params']:,}", "100.0%"))
     console = stdout()
     console.print(table(f"{result.model}  input 1x{'x'.join(map(str, result.sample_shape))}",
                         ("layer", "op", "MACs", "params", "share"), rows, right=("MACs", "params", "share")))
-    console.print(f"{len(result.layers)} quantizable layers, {human(result.totals['macs'])} MACs, "
-                  f"float BOPs (32x32) {human(result.totals['bops_fp32'])}")
+    console.print(f"{len(result.layers)} quantizable layers, {human(t['macs'])} MACs, "
+                  f"float BOPs (32x32) {human(t['bops_fp32'])}")
+    console.print(coverage_line(t["coverage"], result.float_ops))
 
 
 def profiles_table(rows: list[dict]) -> None:
@@ -201,10 +207,13 @@ def verify_table(path: Any, result: Any, bops: float | None, weight_bytes: float
                                                        "onnxruntime CPU"), rows,
                     right=("MACs", "BOPs", "weight bytes")))
     rel = 100 * result.bops / (result.macs * 1024) if result.macs else 0.0
+    other = f" + {result.other_bytes:,.0f} bytes of float parameters" if result.other_bytes else ""
     lines = [f"total: {result.macs:,} MACs, {result.bops:,} BOPs ({rel:.3f}% of 32x32), "
-             f"{result.weight_bytes:,.0f} weight bytes",
+             f"{result.weight_bytes:,.0f} weight bytes{other}",
+             f"coverage: {result.coverage:.1f}% of the MACs read quantized operands",
              "loads in onnxruntime (CPU, default options): " + ("yes" if result.loads else f"NO ({result.load_error})")]
-    for label, value, limit in (("BOPs", result.bops, bops), ("weight bytes", result.weight_bytes, weight_bytes)):
+    for label, value, limit in (("BOPs", result.bops, bops),
+                                ("weight bytes", result.weight_bytes + result.other_bytes, weight_bytes)):
         if limit is not None:
             lines.append(f"budget {label}: {value:,.0f} <= {limit:,.0f}: {'yes' if value <= limit else 'NO'}")
     for line in lines:

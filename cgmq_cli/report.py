@@ -2,7 +2,7 @@
 
 Works on the plain report dictionaries that ``cgmq compress`` writes, so it
 renders any finished run without rebuilding its model. Nothing imports this
-module except the CLI. Every renderer first escapes the report's strings
+module except the CLI (and render, for the coverage line). Every renderer first escapes the report's strings
 (:func:`cgmq_cli.sanitize.clean_tree`): a layer or profile name cannot carry
 terminal escapes or bidi marks into a table, a CSV file or a pull request.
 """
@@ -40,6 +40,21 @@ def budget_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def coverage_line(coverage: float, float_ops: list[dict]) -> str:
+    """One line on how much of the model's compute is quantized, and what is left in float and why."""
+    if not float_ops:
+        return f"coverage: {coverage:.1f}% of the MACs are in quantized layers (nothing is left in float)"
+    reasons = "; ".join(f"{op['what']}: {op['reason']}" for op in float_ops[:3])
+    more = f"; and {len(float_ops) - 3} more" if len(float_ops) > 3 else ""
+    return (f"coverage: {coverage:.1f}% of the MACs are in quantized layers; left in float (counted at 32x32 "
+            f"bits): {reasons}{more}")
+
+
+def report_coverage_line(report: dict) -> str:
+    c = report["cost"]
+    return coverage_line(c.get("coverage", 100.0), report.get("float_ops", []))
+
+
 def _settings_line(report: dict) -> str:
     model = report["model"].get("arch") or report["model"].get("model")
     return (f"model {model}, profile {report['profile']}, data {report['data']}, "
@@ -62,7 +77,9 @@ def rich_report(report: dict) -> Group:
     for row in budget_rows(report):
         budgets.add_row(*row)
     acc = report["accuracy"]
-    lines = [f"relative BOPs {c['rel_bops']:.3f}% of 32x32 | within budget: {'yes' if report['feasible'] else 'NO'}",
+    lines = [f"relative BOPs {c['rel_bops']:.3f}% of 32x32 (of all the model's MACs) | within budget: "
+             f"{'yes' if report['feasible'] else 'NO'}",
+             report_coverage_line(report),
              f"accuracy: float {acc['float']:.2f}% | quantized {acc['quantized']:.2f}% | "
              f"drop {acc['float'] - acc['quantized']:+.2f} points",
              _settings_line(report)]
@@ -76,6 +93,7 @@ def markdown(report: dict) -> str:
     out = [f"### cgmq run `{report['run']}`", "",
            f"**Within budget: {'yes' if report['feasible'] else 'NO'}** · relative BOPs {c['rel_bops']:.3f}% · "
            f"accuracy {acc['quantized']:.2f}% (float {acc['float']:.2f}%, {acc['quantized'] - acc['float']:+.2f} points)", "",
+           report_coverage_line(report), "",
            "| budget | limit | used | margin |", "|---|---:|---:|---:|"]
     out += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in budget_rows(report)]
     out += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|---|---|---:|---:|---|---:|---:|---:|"]

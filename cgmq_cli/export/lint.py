@@ -91,27 +91,31 @@ def ort_kernels(path: str | os.PathLike, weights: dict[str, str | None]) -> tupl
         if not os.path.exists(optimized):
             return {name: None for name in weights}, None
         opt = onnx.load(optimized, load_external_data=False)
-    dq_out: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    for node in opt.graph.node:  # fused nodes keep the target's name (+ "_token_N" or "/FusionName/")
+        if node.op_type not in ("DequantizeLinear", "QuantizeLinear", "Transpose", "Max", "Min"):
+            by_name.setdefault(node.name.split("_token_")[0].split("/")[0], node.op_type)
+    origin: dict[str, str] = {}  # tensor -> the weight initializer it carries, through DQ and range guards
     for node in opt.graph.node:
-        if node.op_type == "DequantizeLinear":
-            dq_out[node.output[0]] = node.input[0]
-    direct: dict[str, str] = {}
-    via_dq: dict[str, str] = {}
+        if node.op_type in ("DequantizeLinear", "Max", "Min") and node.input:
+            source = node.input[0] if node.op_type == "DequantizeLinear" else next(
+                (i for i in node.input if i in origin or i in weights.values()), None)
+            if source is not None:
+                origin[node.output[0]] = origin.get(source, source)
+    consumer: dict[str, str] = {}
     for node in opt.graph.node:
-        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear", "Max", "Min"):
             continue
         for name in node.input:
-            direct.setdefault(name, node.op_type)
-            if name in dq_out:
-                via_dq.setdefault(dq_out[name], node.op_type)
+            consumer.setdefault(origin.get(name, name), node.op_type)
     found: dict[str, str | None] = {}
     for node_name, init in weights.items():
-        if init is None:
+        if node_name in by_name:
+            found[node_name] = by_name[node_name]
+        elif init is None:
             found[node_name] = None
-        elif init in direct:
-            found[node_name] = direct[init]
-        elif init in via_dq:
-            found[node_name] = via_dq[init]
+        elif init in consumer:
+            found[node_name] = consumer[init]
         else:  # repacked (e.g. MatMulNBits) or folded away
             found[node_name] = next((n.op_type for n in opt.graph.node if n.op_type in WEIGHT_ONLY_KERNELS
                                      and any(i.startswith(init) for i in n.input)), None)

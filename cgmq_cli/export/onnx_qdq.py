@@ -140,13 +140,18 @@ def _marked_module(qm, float_only: bool) -> tuple[fx.GraphModule, list[Mark]]:
         row = rows[user.name]
         b_node = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
         bias = _attr_tensor(gm, b_node) if isinstance(b_node, fx.Node) and b_node.op == "get_attr" else None
-        integer = (not float_only and row.integer in qm.integer_ops and bits == 8
-                   and widths.get(row.act_keys[0]) == 8 and all(widths[k] == 8 for k in row.act_keys))
+        integer = (not float_only and row.integer in qm.integer_ops and bits == 8 and bool(row.act_keys)
+                   and all(widths[k] == 8 for k in row.act_keys))
         mark(node.args[0], node, Mark(key=key, role="weight", layer=row.name, bits=bits, signed=True, step=step,
                                       grid=q.grid(bits) if bits < FLOAT_BITS else None,
                                       weight=_attr_tensor(gm, node.args[0]), bias=bias, integer=integer,
-                                      tensor=str(node.args[0].target),
+                                      tensor=str(node.args[0].target), axis=q.axis,
                                       act_step=float(qs[row.act_keys[0]].step(8).detach()) if integer else None))
+    for row in qm.layers:  # activation products have no weight marker: a marker on the output names them
+        if row.weight_key is None:
+            integer = (not float_only and row.integer in qm.integer_ops and all(widths[k] == 8 for k in row.act_keys))
+            mark(nodes[row.node], None, Mark(key="", role="compute", layer=row.name, bits=FLOAT_BITS, signed=True,
+                                            step=None, integer=integer))
     if not float_only:
         for key, info in qm.tensors.items():
             q = qs[key]
@@ -165,15 +170,23 @@ def _attr_tensor(gm: torch.nn.Module, node: fx.Node) -> torch.Tensor:
     return attr_tensor(gm, str(node.target))
 
 
-def _torch_export(module: fx.GraphModule, sample_shape: tuple[int, ...], opset: int) -> tuple[onnx.ModelProto, bool]:
+def _example(shape: tuple[int, ...], dtype: torch.dtype, device, generator=None) -> torch.Tensor:
+    """A random input: normal floats, or token ids 0/1 (valid for any embedding table)."""
+    if dtype.is_floating_point:
+        return torch.randn(*shape, generator=generator).to(device)
+    return torch.randint(0, 2, shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _torch_export(module: fx.GraphModule, sample_shape: tuple[int, ...], opset: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[onnx.ModelProto, bool]:
     """torch.onnx (dynamo) export; batch dimension dynamic when the model allows it.
 
     Below opset 18 (the lowest torch.onnx translates to) it exports at 18; the
     caller converts the finished QDQ graph down with onnx's version converter.
     """
     device = next(module.parameters(), torch.empty(0)).device
-    attempts = [(torch.randn(2, *sample_shape, device=device), ({0: torch.export.Dim("batch")},)),
-                (torch.randn(1, *sample_shape, device=device), None)]
+    attempts = [(_example((2, *sample_shape), dtype, device), ({0: torch.export.Dim("batch")},)),
+                (_example((1, *sample_shape), dtype, device), None)]
     errors = []
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
     levels = [logger.level for logger in loggers]
@@ -282,8 +295,11 @@ def _layers(qm, records: list[Rewritten], opset: int) -> tuple[ExportedLayer, ..
             raise ExportError(f"layer `{layer.name}` was not found in the exported graph", "please report this model")
         bits_w, bits_a = shape.bits(qm.widths())
         act = qdq_types.storage(bits_a, qs[shape.act_key].is_signed, opset) if shape.act_key else None
+        weight = rec.weight
+        if layer.weight_key is None:  # an activation product: its right operand sits in the weight slot
+            weight = qdq_types.storage(bits_w, qs[shape.weight_key].is_signed, opset)
         out.append(ExportedLayer(name=layer.name, node=rec.node, op=rec.op, bits_w=bits_w, bits_a=bits_a,
-                                 weight_type=_type_label(rec.weight), act_type=_type_label(act)))
+                                 weight_type=_type_label(weight), act_type=_type_label(act)))
     return tuple(out)
 
 
@@ -304,7 +320,7 @@ def _build(qm, opset: int, metadata: dict | None, float_only: bool) -> tuple[onn
     qm.gm.eval()
     try:
         module, marks = _marked_module(qm, float_only)
-        model, dynamic = _torch_export(module, qm.sample_shape, opset)
+        model, dynamic = _torch_export(module, qm.sample_shape, opset, qm.sample_dtype)
     finally:
         qm.gm.train(was_training)
     records = rewrite(model, marks, opset)
@@ -342,7 +358,7 @@ def _write(model: onnx.ModelProto, path: Path, check) -> None:
 
 def _random_inputs(qm, n: int = PARITY_EXAMPLES, batch: int = 32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(min(batch, n - i), *qm.sample_shape, generator=gen) for i in range(0, n, batch)]
+    return [_example((min(batch, n - i), *qm.sample_shape), qm.sample_dtype, "cpu", gen) for i in range(0, n, batch)]
 
 
 def export_qdq(
@@ -374,7 +390,14 @@ def export_qdq(
         if not check:
             return
         read, cost = verify.read_widths(tmp, runtime=False), qm.cost()
-        pairs = (("BOPs", read.bops, cost.bops), ("weight bytes", read.weight_bytes, cost.weight_bytes))
+        rows = {r.node: r for r in read.layers}  # the compute nodes cgmq named after its layers
+        missing = [layer.name for layer in qm.layers if layer.name not in rows]
+        if missing:
+            raise ExportError(f"layer `{missing[0]}` is not a compute node of the written file",
+                              "please report this model; the file was not written")
+        mine = [rows[layer.name] for layer in qm.layers]
+        pairs = (("BOPs", sum(r.bops for r in mine), sum(layer.bops for layer in cost.layers)),
+                 ("weight bytes", sum(r.weight_bytes for r in mine), sum(layer.weight_bytes for layer in cost.layers)))
         for label, got, want in pairs:
             if got != want:
                 raise ExportError(f"the file reads back as {got:,} {label} but the cost model says {want:,}",

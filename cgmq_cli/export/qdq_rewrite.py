@@ -52,7 +52,7 @@ class Mark:
     """What one marker stands for: an activation tensor (or an alias of one), or a layer's weight at one call."""
 
     key: str  # the quantizer's key
-    role: str  # "act" | "alias" | "weight"
+    role: str  # "act" | "alias" | "weight" | "compute" (names the node that computes an activation product)
     layer: str  # role "weight": the layer call (its compute node takes this name)
     bits: int
     signed: bool
@@ -64,6 +64,7 @@ class Mark:
     integer: bool = False  # role "weight": the layer runs as an integer kernel on this profile
     tensor: str = ""  # role "weight": the weight attribute, e.g. "fc.weight" (names its initializers)
     act_step: float | None = None  # role "weight", integer layers: the input's step (int32 bias scale)
+    axis: int = 0  # role "weight": the per-channel axis of the weight in PyTorch's layout
 
     @property
     def base(self) -> str:
@@ -183,6 +184,17 @@ class _Rewriter:
         return [helper.make_node("Max", [src, low], [f"{p}/above"], name=f"{p}/RangeMax"),
                 helper.make_node("Min", [f"{p}/above", high], [out], name=f"{p}/RangeMin")]
 
+    def product(self, node: onnx.NodeProto, mark: Mark) -> None:
+        """The node that computes an activation x activation product: named after its layer; the marker goes."""
+        producer = self.producer.get(node.input[0])
+        if producer is None or producer.op_type not in ops.ONNX_COMPUTE_TYPES:
+            raise ExportError(f"layer `{mark.layer}`: torch.onnx wrote it as "
+                              f"`{producer.op_type if producer is not None else 'nothing'}`, not a MatMul",
+                              "please report this model")
+        self.compute_node(producer, mark)
+        self.rename[node.output[0]] = node.input[0]
+        self.replace[id(node)] = []
+
     # -- weights ---------------------------------------------------------------
     def weight(self, node: onnx.NodeProto, mark: Mark) -> None:
         """Store the weight in the layout its consumer takes (the op registry knows each op's layout)."""
@@ -243,10 +255,10 @@ class _Rewriter:
             return []
         step = mark.step.detach().cpu().float()
         qmin, qmax = mark.grid or st.grid
-        codes = QF.quantize_codes(w, QF.channel_view(step, w.ndim), qmin, qmax)
+        codes = QF.quantize_codes(w, QF.channel_view(step, w.ndim, mark.axis % w.ndim), qmin, qmax)
         axis = None
-        if step.ndim:
-            axis = 1 if transposed else 0
+        if step.ndim:  # the channel axis in the stored layout
+            axis = (1 - mark.axis % 2) if transposed else mark.axis % w.ndim
         if transposed:
             codes = codes.T
         dtype = helper.tensor_dtype_to_np_dtype(st.elem_type)
@@ -281,8 +293,10 @@ class _Rewriter:
         for node, mark in found:  # weights first: an activation's Q/DQ depends on how its readers run
             if mark.role == "weight":
                 self.weight(node, mark)
+            elif mark.role == "compute":
+                self.product(node, mark)
         for node, mark in found:
-            if mark.role != "weight":
+            if mark.role in ("act", "alias"):
                 self.replace[id(node)] = self.act(node, mark)
         self._rebuild()
         return [Rewritten(layer=k, node=r.get("node", ""), op=r.get("op", ""), weight=r.get("weight"))

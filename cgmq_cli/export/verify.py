@@ -47,10 +47,12 @@ import onnx
 import torch
 
 from cgmq_cli.errors import CgmqError, CheckFailedError
+from cgmq_cli.outputs import logits
 from cgmq_cli.export import lint
 from cgmq_cli.export.lint import load_session
 from cgmq_cli import ops
 from cgmq_cli.export.qdq_read import Graph, prepare, tensor_bytes, tensor_width
+from cgmq_cli.export.qdq_types import FLOAT_BYTES
 
 __all__ = ["LayerWidths", "VerifyResult", "ParityResult", "read_widths", "check_budget", "parity", "latency",
            "load_session"]
@@ -81,9 +83,19 @@ class VerifyResult:
     metadata: dict[str, str] = field(default_factory=dict)
     loads: bool | None = None  # onnxruntime CPU, default session options; None: not tried
     load_error: str | None = None
+    other_bytes: float = 0.0  # float constants besides the layers' weights and biases (LayerNorm, embeddings, ...)
+
+    @property
+    def quantized_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers if min(layer.bits_w, layer.bits_a) < 32)
+
+    @property
+    def coverage(self) -> float:
+        return 100.0 * self.quantized_macs / self.macs if self.macs else 100.0
 
     def as_dict(self) -> dict:
         return {"macs": self.macs, "bops": self.bops, "weight_bytes": self.weight_bytes, "opset": self.opset,
+                "other_bytes": self.other_bytes, "quantized_macs": self.quantized_macs, "coverage": self.coverage,
                 "loads": self.loads, "load_error": self.load_error, "metadata": self.metadata,
                 "layers": [{**asdict(layer), "notes": list(layer.notes)} for layer in self.layers]}
 
@@ -118,7 +130,7 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
         name = node.name or f"{node.op_type}_{i}"
         notes: list[str] = []
         a_in, w_in, macs, bias = read.act, read.weight, read.macs, read.bias
-        bits_a, a_type, _ = tensor_width(g, a_in, notes)
+        bits_a, a_type, _ = tensor_width(g, a_in, notes) if a_in is not None else (32, None, False)  # a lookup
         bits_w, w_type, w_narrowed = tensor_width(g, w_in, notes)
         bias_bits = tensor_width(g, bias, [])[0] if bias else 0
         wbytes = tensor_bytes(g, w_in, bits_w, seen) + tensor_bytes(g, bias, bias_bits, seen)
@@ -138,7 +150,23 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
     opset = next((o.version for o in raw.opset_import if o.domain in ("", "ai.onnx")), None)
     return VerifyResult(layers=layers, macs=sum(r.macs for r in layers), bops=sum(r.bops for r in layers),
                         weight_bytes=sum(r.weight_bytes for r in layers), opset=opset,
-                        metadata={p.key: p.value for p in raw.metadata_props}, loads=loads, load_error=error)
+                        metadata={p.key: p.value for p in raw.metadata_props}, loads=loads, load_error=error,
+                        other_bytes=_other_bytes(g, seen))
+
+
+def _other_bytes(g: Graph, counted: set[str]) -> float:
+    """Bytes of float constants (more than one element) that are neither a layer's weight or bias nor
+    a Q/DQ scale: parameters the model keeps in float, as stored in the file."""
+    qdq = {name for node in g.model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+           for name in node.input[1:]}
+    total = 0.0
+    for name, t in g.consts.items():
+        if name in counted or name in qdq or t.data_type not in FLOAT_BYTES:
+            continue
+        n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        if n > 1:
+            total += n * FLOAT_BYTES[t.data_type]
+    return total
 
 
 def _runtime_kernels(raw: onnx.ModelProto, path: Path | None, weights: dict) -> tuple[dict, str | None]:
@@ -171,7 +199,8 @@ def _lint_text(row: dict, error: str | None) -> str:
 def check_budget(result: VerifyResult, bops: float | None = None, weight_bytes: float | None = None) -> None:
     """Raise :class:`CheckFailedError` when the file is over a budget."""
     over = []
-    for label, value, limit in (("BOPs", result.bops, bops), ("weight bytes", result.weight_bytes, weight_bytes)):
+    stored = result.weight_bytes + result.other_bytes  # the layers and every float parameter the file keeps
+    for label, value, limit in (("BOPs", result.bops, bops), ("weight bytes", stored, weight_bytes)):
         if limit is not None and value > limit:
             over.append(f"{label} {value:,.0f} > {limit:,.0f} (+{100.0 * (value / limit - 1):.2f}%)"
                         if limit > 0 else f"{label} {value:,.0f} > {limit:,.0f}")
@@ -192,7 +221,7 @@ class ParityResult:
 
 
 def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return logits(out)
 
 
 def _top1_agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[int, int]:
@@ -223,7 +252,8 @@ def parity(qm, onnx_path: str | os.PathLike, inputs: Iterable[torch.Tensor]) -> 
     try:
         for batch in inputs:
             batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-            batch = batch.detach().float().cpu()
+            batch = batch.detach().cpu()
+            batch = batch.float() if batch.is_floating_point() else batch.long()
             chunks = batch.split(fixed) if fixed else (batch,)
             for x in chunks:
                 with torch.no_grad():
@@ -248,7 +278,11 @@ def latency(path: str | os.PathLike, example: torch.Tensor | np.ndarray, repeats
     """Median wall time in milliseconds of one onnxruntime run (default session options)."""
     session = load_session(path)
     name = session.get_inputs()[0].name
-    x = example.detach().float().cpu().numpy() if isinstance(example, torch.Tensor) else np.asarray(example, np.float32)
+    if isinstance(example, torch.Tensor):
+        example = example.detach().cpu()
+        x = (example.float() if example.is_floating_point() else example.long()).numpy()
+    else:
+        x = np.asarray(example)
     for _ in range(warmup):
         session.run(None, {name: x})
     times = []
