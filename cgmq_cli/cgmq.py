@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from cgmq_cli import metrics
-from cgmq_cli.cost import Budget, CostSummary, LayerShape, MacCost, summarize
+from cgmq_cli.cost import Budget, CostSummary, Extras, LayerShape, MacCost, context, summarize
 from cgmq_cli.quant.modules import GatedQuantizer
 
 Widths = dict[str, int]  # quantizer key -> width
@@ -68,11 +68,13 @@ def _moved(widths: Widths, t: Tensor, width: int) -> Widths:
 class CostModel:
     """Exact costs of width assignments and the cost gradients w.r.t. the gates (from :mod:`cgmq_cli.metrics`)."""
 
-    def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None) -> None:
+    def __init__(self, shapes: list[LayerShape], budget: Budget, mac_cost: MacCost | None,
+                 extras: Extras = Extras()) -> None:
         self.shapes = shapes
         self.budget = budget
         self.mac_cost = mac_cost
-        self.ctx = metrics.Context(macs=sum(s.macs for s in shapes), mac_cost=mac_cost)
+        self.extras = extras
+        self.ctx = context(shapes, mac_cost, extras)
         self.uses: dict[str, list[tuple[LayerShape, int]]] = {}
         for s in shapes:
             for side, key in enumerate((s.weight_key, s.act_key)):
@@ -80,7 +82,7 @@ class CostModel:
                     self.uses.setdefault(key, []).append((s, side))
 
     def summary(self, widths: Widths) -> CostSummary:
-        return summarize(self.shapes, widths, self.mac_cost)
+        return summarize(self.shapes, widths, self.mac_cost, self.extras)
 
     def violated(self, widths: Widths) -> dict[str, float]:
         return self.budget.violations(self.summary(widths))

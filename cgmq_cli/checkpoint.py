@@ -39,6 +39,7 @@ class ModelSource:
     sha256: str | None = None
     kind: str = "state_dict"  # "state_dict" | "pt2" | "torchvision" | "pickle"
     sample_shape: tuple[int, ...] | None = None  # one example's shape, when the file records it
+    sample_dtype: str = "float32"  # of that example: float32, or int64 (token ids)
     fixed_batch: int | None = None  # a .pt2 exported with a static batch size (not recorded in config.json)
 
     def as_dict(self) -> dict:
@@ -169,9 +170,9 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     _check_file(path)
     digest = file_sha256(path)
     if path.suffix == ".pt2":
-        module, shape, batch = _load_pt2(path, trust)
+        module, shape, batch, dtype = _load_pt2(path, trust)
         return module, ModelSource(model=str(path.resolve()), sha256=digest, kind="pt2", sample_shape=shape,
-                                   fixed_batch=batch)
+                                   fixed_batch=batch, sample_dtype=dtype)
     obj = safe_load.load_torch_file(path, trust)
     if isinstance(obj, nn.Module):
         return obj.eval(), ModelSource(model=str(path.resolve()), trusted=True, sha256=digest, kind="pickle")
@@ -187,18 +188,20 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
     return model.eval(), ModelSource(model=str(path.resolve()), arch=arch, sha256=digest, kind="state_dict")
 
 
-def _load_pt2(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...] | None, int | None]:
-    """The program's module, the shape of one example of its first input, and its batch size when fixed."""
+def _load_pt2(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...] | None, int | None, str]:
+    """The program's module, the shape and dtype of one example of its first input, and its batch size
+    when fixed."""
     program = safe_load.load_pt2(path, trust)
     args = program.example_inputs[0] if program.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
+    integer = bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()
     with guard_user_code(f"building the module of {path}"):
         module = program.module()
     # ExportedProgram.module() makes train()/eval() raise NotImplementedError through instance
     # attributes (the graph's ops are fixed either way); cgmq only needs the mode flag to toggle.
     for name in ("train", "eval"):
         module.__dict__.pop(name, None)
-    return module, shape, _fixed_batch(program)
+    return module, shape, _fixed_batch(program), "int64" if integer else "float32"
 
 
 def _fixed_batch(program: Any) -> int | None:

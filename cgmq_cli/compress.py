@@ -117,7 +117,7 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
                               "export it with a dynamic batch dimension: torch.export.export(model, (x,), "
                               "dynamic_shapes=({0: torch.export.Dim('batch')},))")
     bundle = data.load_data(settings.data, settings.subset, settings.seed)
-    qm = api.prepare(model, bundle.sample_shape, settings.leaves, profile)
+    qm = api.prepare(model, bundle.sample_shape, settings.leaves, profile, bundle.sample_dtype)
     return model, qm, bundle, profile, source
 
 
@@ -209,6 +209,7 @@ def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwarePro
         "accuracy": {"float": float_acc, "quantized": quant_acc},
         "layers": [{"name": l.name, "op": l.op, "macs": l.macs, "params": l.params, "bits_w": l.bits_w,
                     "bits_a": l.bits_a, "bops": l.bops, "weight_bytes": l.weight_bytes} for l in summary.layers],
+        "float_ops": [op.as_dict() for op in qm.float_ops],
         "epochs": state.epoch,
         "seconds": seconds,
         "history": state.history,
@@ -309,7 +310,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         if not resume:  # everything is checked: only now is the run directory created (or replaced)
             run = _start_run_dir(settings, run_dir, force, ctx, {
                 "config": {"cgmq_version": __version__, "settings": settings.as_dict(), "source": source.as_dict(),
-                           "sample_shape": list(bundle.sample_shape)},
+                           "sample_shape": list(bundle.sample_shape), "sample_dtype": bundle.sample_dtype},
                 "profile": profile_yaml(profile)})
         return _train(settings, run_dir, run, ctx, on_event, qm, trainer, val_loader, loss_fn, profile, source,
                       float_acc, notes, seconds, resume)
@@ -478,7 +479,8 @@ def load_run(run_dir: Path, trust: bool = False, notify: Callable[[str], None] |
                                   "which could run code from it",
                                   "pass --trust-checkpoint on this command line if you trust that file")
         model, _ = checkpoint.load_model(str(path), None, trust)
-    qm = api.prepare(model, tuple(config["sample_shape"]), settings.leaves, profile)
+    qm = api.prepare(model, tuple(config["sample_shape"]), settings.leaves, profile,
+                     config.get("sample_dtype", "float32"))
     try:
         qm.gm.load_state_dict(saved["state_dict"])
         qm.set_widths(dict(saved["widths"]))

@@ -66,6 +66,7 @@ class DataBundle:
     sample_shape: tuple[int, ...]
     num_classes: int | None
     description: str
+    sample_dtype: str = "float32"  # of the inputs: float32, or int64 for token ids
 
 
 def load_data(spec: str, subset: int | None = None, seed: int = 0) -> DataBundle:
@@ -77,8 +78,8 @@ def load_data(spec: str, subset: int | None = None, seed: int = 0) -> DataBundle
     if subset is not None:
         train = _take_subset(train, subset, seed)
         desc += f"; train subset: first {len(train)} of a seed-{seed} permutation"
-    shape = _sample_shape(spec, train)
-    return DataBundle(name, train, splits.val, shape, splits.num_classes, desc)
+    shape, dtype = _sample_shape(spec, train)
+    return DataBundle(name, train, splits.val, shape, splits.num_classes, desc, dtype)
 
 
 def _dispatch(spec: str) -> tuple[str, src.Splits]:
@@ -216,8 +217,8 @@ def _check_nonempty(spec: str, splits: src.Splits) -> None:
             )
 
 
-def _sample_shape(spec: str, train: Any) -> tuple[int, ...]:
-    """Shape of the first training input (no batch dim)."""
+def _sample_shape(spec: str, train: Any) -> tuple[tuple[int, ...], str]:
+    """Shape (no batch dim) and dtype name of the first training input (integers: token ids)."""
     try:
         example = train[0]
     except (Exception, SystemExit) as exc:  # noqa: BLE001
@@ -236,7 +237,9 @@ def _sample_shape(spec: str, train: Any) -> tuple[int, ...]:
             f"--data {spec!r}: inputs must be tensors, got {type(x).__name__}",
             "apply a ToTensor transform",
         )
-    return tuple(int(d) for d in x.shape)
+    dtype = torch.as_tensor(x).dtype
+    name = "int64" if not dtype.is_floating_point and dtype != torch.bool else "float32"
+    return tuple(int(d) for d in x.shape), name
 
 
 def _take_subset(train: Any, n: int, seed: int) -> Any:

@@ -554,7 +554,7 @@ def _expect(value: Any, kinds: tuple[type, ...] | type, path: Path, where: str) 
     return value
 
 
-CONFIG_KEYS = ("cgmq_version", "settings", "source", "sample_shape")
+CONFIG_KEYS = ("cgmq_version", "settings", "source", "sample_shape", "sample_dtype")
 SOURCE_KEYS = ("model", "arch", "trusted", "sha256", "kind", "sample_shape")
 
 
@@ -584,6 +584,8 @@ def read_config(run_dir: Path) -> dict:
     if not shape or len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2**20
                                               for d in shape):
         raise _shape_error(path, f"has sample_shape = {short(shape)}")
+    if config.get("sample_dtype", "float32") not in ("float32", "int64"):
+        raise _shape_error(path, f"has sample_dtype = {short(config.get('sample_dtype'))}")
     return config
 
 

@@ -22,6 +22,7 @@ from cgmq_cli import cgmq
 from cgmq_cli.cost import Budget, MacCost
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import TrainingError
+from cgmq_cli.outputs import logits
 from cgmq_cli.qmodel import QuantizedModel
 
 
@@ -79,7 +80,7 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, device: str,
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            out = logits(model(x))
             loss_sum += float(loss_fn(out, y)) * len(y)
             if out.ndim == 2:
                 correct += int((out.argmax(1) == y).sum())
@@ -106,7 +107,7 @@ class Trainer:
         self.config = config
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.on_event = on_event or (lambda e: None)
-        self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost)
+        self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost, qm.extras)
         self.tensors = cgmq.free_tensors(qm)
         self.optimizer = torch.optim.Adam(qm.weight_params(), lr=config.lr)
         self.state = TrainState()
@@ -120,7 +121,7 @@ class Trainer:
     def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dev = self.config.device
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            return self.loss_fn(model(x.to(dev)), y.to(dev))
+            return self.loss_fn(logits(model(x.to(dev))), y.to(dev))
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor | None:
         """The batch loss, or None for a non-finite loss (skipped and counted; every rank agrees).
