@@ -397,6 +397,8 @@ def verify(
     rel = settings.parse_number(budget_rel_bops, "--budget-rel-bops")
     wbytes = settings.parse_number(budget_weight_bytes, "--budget-weight-bytes")
     result = ver.read_widths(onnx_file)
+    if not result.loads:
+        ver.load_session(onnx_file)  # raises: one line with onnxruntime's reason, exit 2
     if rel is not None:  # percent of the file's own 32x32 BOPs, as an absolute limit
         rel_limit = rel / 100 * result.macs * 32 * 32
         bops = rel_limit if bops is None else min(bops, rel_limit)
