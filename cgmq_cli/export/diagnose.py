@@ -4,7 +4,10 @@ A profile with ``integer_ops`` promises that its target runs those ops as
 integer kernels. In a QDQ file that promise covers:
 
 * every compute node (Conv; Gemm / MatMul for ``linear``) whose weight and
-  input are both 8 bits wide (read back as ``cgmq verify`` reads them);
+  input are both 8 bits wide (read back as ``cgmq verify`` reads them),
+  except a Conv that produces a network output: cgmq keeps network outputs
+  float, and onnxruntime's QLinearConv needs a quantized output (QGemm and
+  MatMulIntegerToFloat do not, so a final linear layer is promised);
 * every residual Add (two activation operands), Concat and pooling node
   (AveragePool, GlobalAveragePool, MaxPool) whose operands and output are all
   8-bit quantized tensors.
@@ -112,6 +115,18 @@ def _output_q8(g: Graph, name: str, depth: int = 0) -> bool:
     return False
 
 
+def _network_output(g: Graph, name: str) -> bool:
+    """Whether ``name`` is a graph output, directly or through layout ops and a Relu/Clip (no Q on the way)."""
+    outputs = {o.name for o in g.model.graph.output}
+    while True:
+        if name in outputs:
+            return True
+        users = g.consumers.get(name, [])
+        if len(users) != 1 or users[0].op_type not in (*PASSTHROUGH, "Relu", "Clip"):
+            return False
+        name = users[0].output[0]
+
+
 def promised(g: Graph, batch: int, integer_ops: frozenset[str]) -> list[tuple[onnx.NodeProto, str]]:
     """(node, integer_ops kind) of every node the profile promises to run as an integer kernel."""
     out = []
@@ -124,6 +139,8 @@ def promised(g: Graph, batch: int, integer_ops: frozenset[str]) -> list[tuple[on
             if found is None or found[1].act_type is not None:
                 continue  # not a weight layer, or already an integer kernel
             read = found[1]
+            if node.op_type == "Conv" and _network_output(g, node.output[0]):
+                continue  # cgmq keeps network outputs float, and QLinearConv needs a quantized output
             if tensor_width(g, read.act, [])[0] == 8 and tensor_width(g, read.weight, [])[0] == 8:
                 out.append((node, kind))
             continue
