@@ -291,7 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--shape", default="3,112,112")
-    parser.add_argument("--rounds", type=int, default=40, help="rounds at batch 1 (a quarter of them at batch 16)")
+    parser.add_argument("--rounds", type=int, default=100, help="rounds at batch 1 (a quarter of them at batch 16)")
     parser.add_argument("--out", default=str(RESULTS / "deploy"), help="writes OUT.json and OUT.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
