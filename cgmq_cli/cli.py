@@ -366,7 +366,9 @@ def check(
 def export(
     run: Optional[str] = typer.Argument(None, help="Run directory (default runs/latest)."),
     onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="QDQ ONNX file to write (default RUN_DIR/model.onnx)."),
-    opset: int = typer.Option(25, "--opset", help="ONNX opset: 25 native int2/int4; 21-24 2-bit in int4; 13-20 8-bit containers with Clip."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset: 25 (default) native int2/int4; 21-24 2-bit in int4; 13-20 8-bit containers with Clip."),
+    portable: bool = typer.Option(False, "--portable", help="Containers every tested runtime loads (OpenVINO too): opset 21, 2-bit in int4, sub-8-bit inputs of 8-bit-weight layers in uint8 with Clip."),
+    allow_float_fallback: bool = typer.Option(False, "--allow-float-fallback", help="Write the file even when an op the profile runs as an integer kernel would run in float in onnxruntime (a warning instead of exit 4)."),
     float_path: Optional[Path] = typer.Option(None, "--float", help="Also write the float model here, for comparison."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Measure onnxruntime latency (median of repeated runs) of the files."),
     force: bool = typer.Option(False, "--force", help="Replace existing ONNX files that cgmq exported (never other files)."),
@@ -376,11 +378,14 @@ def export(
     """Export a run to ONNX QuantizeLinear/DequantizeLinear with its true widths, verified in onnxruntime."""
     from cgmq_cli.deploy import export_run
 
-    if not 13 <= opset <= 25:
+    if opset is not None and not 13 <= opset <= 25:
         raise UsageError(f"--opset {opset}: supported opsets are 13 to 25")
+    if portable and opset is not None and opset > 21:
+        raise UsageError(f"--portable writes opset 21 or older, not --opset {opset}", "drop --opset, or use 21 or lower")
     run_dir = rundir.resolve_run(run)
     with _terminate_as_interrupt():
-        result = export_run(run_dir, onnx_path, opset, float_path, benchmark, force, trust_checkpoint, render.info)
+        result = export_run(run_dir, onnx_path, opset, float_path, benchmark, force, trust_checkpoint, render.info,
+                            portable=portable, allow_float_fallback=allow_float_fallback)
     if as_json:
         render.json_out(result.as_dict())
     else:
@@ -393,24 +398,34 @@ def verify(
     budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="Fail (exit 4) when the file's BOPs exceed N."),
     budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="Fail (exit 4) when BOPs exceed P percent of the file's 32x32 BOPs."),
     budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Fail (exit 4) when the weight bytes exceed N."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="Also run the file in: onnxruntime (default) or openvino (which layers run in int8 there; outputs compared with onnxruntime)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """Read every layer's widths back from an ONNX file's Q/DQ nodes; compute BOPs and weight bytes."""
+    from cgmq_cli.export import openvino
     from cgmq_cli.export import verify as ver
 
+    if runtime not in ("onnxruntime", "openvino"):
+        raise UsageError(f"--runtime {runtime!r}: expected onnxruntime or openvino")
+    if runtime == "openvino":
+        openvino.require()
     if not onnx_file.is_file():
         raise UsageError(f"{onnx_file} not found" if not onnx_file.exists() else f"{onnx_file} is not a file")
     bops = settings.parse_number(budget_bops, "--budget-bops")
     rel = settings.parse_number(budget_rel_bops, "--budget-rel-bops")
     wbytes = settings.parse_number(budget_weight_bytes, "--budget-weight-bytes")
     result = ver.read_widths(onnx_file)
+    if not result.loads:
+        ver.load_session(onnx_file)  # raises: one line with onnxruntime's reason, exit 2
     if rel is not None:  # percent of the file's own 32x32 BOPs, as an absolute limit
         rel_limit = rel / 100 * result.macs * 32 * 32
         bops = rel_limit if bops is None else min(bops, rel_limit)
+    second = openvino.compare(onnx_file, [row.node for row in result.layers]) if runtime == "openvino" else None
     if as_json:
-        render.json_out({"file": str(onnx_file), **result.as_dict(), "budget": {"bops": bops, "weight_bytes": wbytes}})
+        render.json_out({"file": str(onnx_file), **result.as_dict(), "budget": {"bops": bops, "weight_bytes": wbytes},
+                         **({"openvino": second.as_dict()} if second is not None else {})})
     else:
-        render.verify_table(onnx_file, result, bops, wbytes)
+        render.verify_table(onnx_file, result, bops, wbytes, second)
     ver.check_budget(result, bops, wbytes)
 
 

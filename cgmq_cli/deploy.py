@@ -21,6 +21,13 @@ from cgmq_cli.errors import CgmqError, CheckFailedError, InterruptedRun, OutputE
 from cgmq_cli.export import onnx_qdq, verify
 
 PARITY_BATCHES = 32  # up to 32 validation batches (every example of small sets)
+DEFAULT_OPSET = 25
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    portable: bool = False
+    allow_float_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,16 @@ def _parity_inputs(settings, qm) -> tuple[list[torch.Tensor] | None, str]:
     return inputs, f"{sum(len(x) for x in inputs)} validation examples of {settings.data}"
 
 
-def export_run(run_dir: Path, onnx_path: Path | None, opset: int = 25, float_path: Path | None = None,
+def export_run(run_dir: Path, onnx_path: Path | None, opset: int | None = None, float_path: Path | None = None,
                benchmark: bool = False, force: bool = False, trust: bool = False,
-               notify: Callable[[str], None] | None = None) -> ExportResult:
+               notify: Callable[[str], None] | None = None, *, portable: bool = False,
+               allow_float_fallback: bool = False) -> ExportResult:
     """Export a finished run; every output path is checked before the model is rebuilt.
+
+    ``opset`` defaults to 25, or 21 with ``portable``. On a profile with
+    integer kernels, an op it promises that onnxruntime would run in float
+    fails the export (exit 4) unless ``allow_float_fallback``; then each such
+    op is one warning through ``notify``.
 
     The run directory is locked while export writes into it; temporaries of a
     killed export are removed; Ctrl-C or SIGTERM leaves no partial file.
@@ -118,7 +131,10 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int = 25, float_pat
     try:
         for target in targets:
             rundir.clean_stale(target.parent)
-        return _export(run_dir, onnx_path, opset, float_path, benchmark, trust, notify)
+        if opset is None:
+            opset = onnx_qdq.PORTABLE_OPSET if portable else DEFAULT_OPSET
+        options = ExportOptions(portable=portable, allow_float_fallback=allow_float_fallback)
+        return _export(run_dir, onnx_path, opset, float_path, benchmark, trust, notify, options)
     except KeyboardInterrupt:
         raise InterruptedRun("export interrupted; no partial file was left behind") from None
     finally:
@@ -151,7 +167,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None, benchmark: bool, trust: bool,
-            notify: Callable[[str], None] | None) -> ExportResult:
+            notify: Callable[[str], None] | None, options: ExportOptions) -> ExportResult:
     run = load_run(run_dir, trust, notify)
     qm = run.qm
     qm.gm.cpu().eval()
@@ -161,7 +177,11 @@ def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None,
     inputs, source = _parity_inputs(run.settings, qm)
     metadata = {"budget": run.report["budget"], "run": run.report["run"], "profile": run.profile.name}
     with _writing(onnx_path):
-        info = onnx_qdq.export_qdq(qm, onnx_path, opset, metadata, parity_inputs=inputs)
+        info = onnx_qdq.export_qdq(qm, onnx_path, opset, metadata, parity_inputs=inputs, portable=options.portable,
+                                   allow_float_fallback=options.allow_float_fallback)
+    for finding in info.kernels:
+        if not finding.integer and notify is not None:
+            notify(f"warning: {finding.line()}")
     float_info = None
     if float_path is not None:
         with _writing(float_path):

@@ -191,6 +191,10 @@ def export_summary(result: Any) -> None:
         say(f"parity with PyTorch on {result.parity_source}: top-1 agreement {p.agreement:.2f}%, "
             f"max |logit diff| {p.max_abs_diff:.3g}")
     say(f"BOPs read back from the file: {result.report_bops:,} (equal to report.json)")
+    if q.kernels:
+        fused = sum(f.integer for f in q.kernels)
+        say(f"integer kernels in onnxruntime: {fused} of {len(q.kernels)} ops the profile runs as integer"
+            + ("" if fused == len(q.kernels) else " (--allow-float-fallback: the others run in float)"))
     if result.latency_ms:
         lat = result.latency_ms
         line = f"onnxruntime latency (median, batch 1): QDQ {lat['qdq']:.3f} ms"
@@ -199,19 +203,26 @@ def export_summary(result: Any) -> None:
         say(line)
 
 
-def verify_table(path: Any, result: Any, bops: float | None, weight_bytes: float | None) -> None:
+def verify_table(path: Any, result: Any, bops: float | None, weight_bytes: float | None, openvino: Any = None) -> None:
     rows = [(l.node, l.op, f"{l.macs:,}", f"{l.bits_w}/{l.bits_a}", f"{l.bops:,}", f"{l.weight_bytes:,.0f}", l.lint)
             for l in result.layers]
+    columns = ["node", "op", "MACs", "bits w/a", "BOPs", "weight bytes", "onnxruntime CPU"]
+    if openvino is not None:
+        rows = [(*row, layer.text()) for row, layer in zip(rows, openvino.layers)]
+        columns.append("OpenVINO CPU")
     out = stdout()
-    out.print(table(f"{path} (opset {result.opset})", ("node", "op", "MACs", "bits w/a", "BOPs", "weight bytes",
-                                                       "onnxruntime CPU"), rows,
-                    right=("MACs", "BOPs", "weight bytes")))
+    out.print(table(f"{path} (opset {result.opset})", columns, rows, right=("MACs", "BOPs", "weight bytes")))
     rel = 100 * result.bops / (result.macs * 1024) if result.macs else 0.0
     other = f" + {result.other_bytes:,.0f} bytes of float parameters" if result.other_bytes else ""
     lines = [f"total: {result.macs:,} MACs, {result.bops:,} BOPs ({rel:.3f}% of 32x32), "
              f"{result.weight_bytes:,.0f} weight bytes{other}",
              f"coverage: {result.coverage:.1f}% of the MACs read quantized operands",
              "loads in onnxruntime (CPU, default options): " + ("yes" if result.loads else f"NO ({result.load_error})")]
+    if openvino is not None:
+        ov = openvino
+        lines.append(f"loads in OpenVINO {ov.version} (CPU): yes; {sum(l.int8 for l in ov.layers)} of {len(ov.layers)} "
+                     f"layers run in int8; outputs vs onnxruntime on {ov.examples} random inputs: top-1 agreement "
+                     f"{ov.agreement:.2f}%, max |diff| {ov.max_abs_diff:.3g}" + "".join(f"; {n}" for n in ov.notes))
     for label, value, limit in (("BOPs", result.bops, bops),
                                 ("weight bytes", result.weight_bytes + result.other_bytes, weight_bytes)):
         if limit is not None:

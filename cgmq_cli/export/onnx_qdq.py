@@ -50,7 +50,7 @@ from torch import fx
 
 from cgmq_cli import __version__
 from cgmq_cli.errors import ExportError, ParityError
-from cgmq_cli.export import qdq_types, verify
+from cgmq_cli.export import diagnose, qdq_types, verify
 from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, rewrite
 from cgmq_cli.graph import passes
 from cgmq_cli.ops.base import attr_tensor
@@ -83,12 +83,14 @@ class ExportInfo:
     dynamic_batch: bool
     metadata: dict[str, str] = field(default_factory=dict)
     parity: verify.ParityResult | None = None  # when parity was checked
+    kernels: tuple[diagnose.Finding, ...] = ()  # the ops the profile runs as integer kernels, checked in onnxruntime
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "opset": self.opset, "size_bytes": self.size_bytes,
                 "dynamic_batch": self.dynamic_batch,
                 "layers": [vars(layer) for layer in self.layers],
-                "parity": self.parity.as_dict() if self.parity is not None else None}
+                "parity": self.parity.as_dict() if self.parity is not None else None,
+                "integer_kernels": [f.as_dict() for f in self.kernels]}
 
 
 def _mark(x: torch.Tensor, idx: int) -> torch.Tensor:
@@ -285,7 +287,20 @@ def _metadata(qm, opset: int, user: dict | None, float_only: bool) -> dict[str, 
     return out
 
 
-def _layers(qm, records: list[Rewritten], opset: int) -> tuple[ExportedLayer, ...]:
+PORTABLE_OPSET = 21  # --portable: int4/uint4 types; OpenVINO 2026 cannot load the opset-25 int2/uint2 types
+
+
+def portable_containers(qm) -> dict[str, int]:
+    """Activation key -> 8 for every sub-8-bit activation that a layer with 8-bit weights reads (``--portable``)."""
+    widths = qm.widths()
+    out: dict[str, int] = {}
+    for layer in qm.layers:
+        if layer.weight_key is not None and widths[layer.weight_key] == 8:
+            out.update({key: 8 for key in layer.act_keys if widths[key] < 8})
+    return out
+
+
+def _layers(qm, records: list[Rewritten], opset: int, containers: dict[str, int]) -> tuple[ExportedLayer, ...]:
     by_layer = {rec.layer: rec for rec in records}
     qs = qm.tensor_quantizers()
     out = []
@@ -294,10 +309,12 @@ def _layers(qm, records: list[Rewritten], opset: int) -> tuple[ExportedLayer, ..
         if rec is None:
             raise ExportError(f"layer `{layer.name}` was not found in the exported graph", "please report this model")
         bits_w, bits_a = shape.bits(qm.widths())
-        act = qdq_types.storage(bits_a, qs[shape.act_key].is_signed, opset) if shape.act_key else None
+        act = qdq_types.storage(bits_a, qs[shape.act_key].is_signed, opset, container=containers.get(shape.act_key, 0)) \
+            if shape.act_key else None
         weight = rec.weight
         if layer.weight_key is None:  # an activation product: its right operand sits in the weight slot
-            weight = qdq_types.storage(bits_w, qs[shape.weight_key].is_signed, opset)
+            weight = qdq_types.storage(bits_w, qs[shape.weight_key].is_signed, opset,
+                                       container=containers.get(shape.weight_key, 0))
         out.append(ExportedLayer(name=layer.name, node=rec.node, op=rec.op, bits_w=bits_w, bits_a=bits_a,
                                  weight_type=_type_label(weight), act_type=_type_label(act)))
     return tuple(out)
@@ -309,7 +326,8 @@ def _type_label(st: qdq_types.Storage | None) -> str:
     return st.type_name + (f" (holds {st.bits}-bit)" if st.is_container else "")
 
 
-def _build(qm, opset: int, metadata: dict | None, float_only: bool) -> tuple[onnx.ModelProto, list[Rewritten], bool]:
+def _build(qm, opset: int, metadata: dict | None, float_only: bool,
+           containers: dict[str, int] | None = None) -> tuple[onnx.ModelProto, list[Rewritten], bool]:
     if not qdq_types.MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"--opset {opset} is outside {qdq_types.MIN_OPSET}..{onnx.defs.onnx_opset_version()}",
                           "use --opset 25 (2-bit types), 21 (4/16-bit types) or 17 (8-bit containers)")
@@ -323,7 +341,7 @@ def _build(qm, opset: int, metadata: dict | None, float_only: bool) -> tuple[onn
         model, dynamic = _torch_export(module, qm.sample_shape, opset, qm.sample_dtype)
     finally:
         qm.gm.train(was_training)
-    records = rewrite(model, marks, opset)
+    records = rewrite(model, marks, opset, containers)
     if _opset_of(model) != opset:
         model = _convert_down(model, opset)
     if _opset_of(model) != opset:
@@ -370,6 +388,8 @@ def export_qdq(
     check: bool = True,
     parity_inputs: Iterable[torch.Tensor] | None = None,
     min_agreement: float = MIN_AGREEMENT,
+    allow_float_fallback: bool = False,
+    portable: bool = False,
 ) -> ExportInfo:
     """Export ``qm`` at its current widths to a QDQ ONNX file at ``path``.
 
@@ -381,9 +401,27 @@ def export_qdq(
     predictions; otherwise :class:`ExportError` / :class:`ParityError` and no
     file is written (the checks run on the temporary file).
     ``metadata`` is stored in metadata_props as ``cgmq.<key>`` (JSON values).
+
+    On a profile with integer kernels (``qm.integer_ops``) the check also
+    holds the file to them (:mod:`cgmq_cli.export.diagnose`): every 8/8 layer
+    and every fully 8-bit residual add, concat and pooling op must become an
+    integer kernel in onnxruntime, else :class:`CheckFailedError` naming the
+    op and the pattern that blocked it; with ``allow_float_fallback`` the
+    findings are returned in :attr:`ExportInfo.kernels` instead.
+
+    ``portable`` writes the containers every runtime cgmq tests reads
+    (:data:`PORTABLE_OPSET` or older, 8-bit containers for sub-8-bit inputs of
+    8-bit-weight layers; see :mod:`cgmq_cli.export.qdq_types`).
     """
-    model, records, dynamic = _build(qm, opset, metadata, float_only=False)
-    layers = _layers(qm, records, opset)
+    containers = {}
+    if portable:
+        if opset > PORTABLE_OPSET:
+            raise ExportError(f"--portable writes opset {PORTABLE_OPSET} or older, not --opset {opset}",
+                              f"drop --opset, or use --opset {PORTABLE_OPSET} or lower")
+        containers = portable_containers(qm)
+        metadata = {**(metadata or {}), "portable": "true"}
+    model, records, dynamic = _build(qm, opset, metadata, float_only=False, containers=containers)
+    layers = _layers(qm, records, opset, containers)
     result = {}
 
     def _check(tmp: Path) -> None:
@@ -403,6 +441,11 @@ def export_qdq(
                 raise ExportError(f"the file reads back as {got:,} {label} but the cost model says {want:,}",
                                   "please report this model; the file was not written")
         verify.load_session(tmp)
+        if qm.integer_ops:
+            result["kernels"] = diagnose.check_file(tmp, qm.integer_ops, Path(path).name)
+            if not allow_float_fallback:
+                diagnose.require(result["kernels"], f"profile {metadata['profile']}" if metadata and
+                                 isinstance(metadata.get("profile"), str) else "the profile")
         inputs = list(parity_inputs) if parity_inputs is not None else _random_inputs(qm)
         res = verify.parity(qm, tmp, inputs)
         result["parity"] = res
@@ -414,7 +457,7 @@ def export_qdq(
     _write(model, Path(path), _check)
     return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,
                       dynamic_batch=dynamic, metadata={p.key: p.value for p in model.metadata_props},
-                      parity=result.get("parity"))
+                      parity=result.get("parity"), kernels=result.get("kernels", ()))
 
 
 def export_float(qm, path: str | os.PathLike, opset: int = 25, *, check: bool = True) -> ExportInfo:
@@ -423,7 +466,7 @@ def export_float(qm, path: str | os.PathLike, opset: int = 25, *, check: bool = 
     With ``check`` the file must pass onnx.checker and load in onnxruntime.
     """
     model, records, dynamic = _build(qm, opset, None, float_only=True)
-    layers = _layers(qm, records, opset)
+    layers = _layers(qm, records, opset, {})
     _write(model, Path(path), (lambda tmp: verify.load_session(tmp)) if check else (lambda tmp: None))
     return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,
                       dynamic_batch=dynamic, metadata={p.key: p.value for p in model.metadata_props})

@@ -88,6 +88,21 @@ class Graph:
                 return other[0]
         return None
 
+    def bias_after(self, node: onnx.NodeProto) -> str | None:
+        """The bias of an integer kernel with an int32 output: ``node -> Cast -> Mul(scale) -> Add(bias)``."""
+        out = node.output[0]
+        for op_type in ("Cast", "Mul"):
+            users = self.consumers.get(out, [])
+            if len(users) != 1 or users[0].op_type != op_type:
+                return None
+            out = users[0].output[0]
+        users = self.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != out]
+            if other and self.origin_const(other[0]) is not None:
+                return other[0]
+        return None
+
     def origin_const(self, name: str) -> str | None:
         """The initializer a (weight) tensor is computed from, through DQ/Clip/layout ops and range guards."""
         while name not in self.consts:
@@ -120,7 +135,70 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     except Exception as exc:
         raise CgmqError(f"ONNX shape inference failed: {str(exc).strip().splitlines()[0][:200]}",
                         "the file must be a valid ONNX model with inferable shapes") from None
+    if _unknown_compute_shapes(model):
+        _shapes_from_runtime(model)
     return model, batch
+
+
+def _unknown_compute_shapes(model: onnx.ModelProto) -> bool:
+    """Whether ONNX shape inference left the output shape of a compute node open (e.g. after com.microsoft ops)."""
+    from cgmq_cli import ops
+
+    known = {vi.name for vi in (*model.graph.value_info, *model.graph.output)
+             if vi.type.tensor_type.HasField("shape")
+             and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    return any(n.op_type in ops.ONNX_COMPUTE_TYPES and n.output and n.output[0] not in known
+               for n in model.graph.node)
+
+
+def _shapes_from_runtime(model: onnx.ModelProto) -> None:
+    """Fill the type and shape of every node output by running the (batch 1) model once in onnxruntime.
+
+    ONNX shape inference knows no com.microsoft ops (QGemm, QLinearAdd, its
+    QuantizeLinear/DequantizeLinear, ...); onnxruntime runs them. Inputs are
+    zeros; symbolic dimensions other than the batch are set to 1.
+    """
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in outputs:
+                probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                outputs.add(name)
+    consts = {t.name for t in probe.graph.initializer}
+    feeds = {}
+    for vi in probe.graph.input:
+        if vi.name in consts:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        feeds[vi.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type or onnx.TensorProto.FLOAT))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CgmqError(f"cannot count the MACs: ONNX shape inference does not know some ops of the file, and "
+                        f"onnxruntime cannot run it to measure the shapes: {first}",
+                        "check that the file loads in onnxruntime") from None
+    observed = {meta.name: value for meta, value in zip(session.get_outputs(), values)}
+    observed = {name: v for name, v in observed.items() if isinstance(v, np.ndarray)}
+    for out in model.graph.output:
+        if out.name in observed:
+            value = observed.pop(out.name)
+            out.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                                 list(value.shape)))
+    kept = [vi for vi in model.graph.value_info if vi.name not in observed]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    for name, value in observed.items():
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
 
 
 def type_bits(elem_type: int) -> int:
@@ -206,6 +284,13 @@ def tensor_width(g: Graph, name: str, notes: list[str]) -> tuple[int, int | None
         bits = _dq_width(g, node, notes)
         return bits, elem, elem in TYPE_BITS and bits != TYPE_BITS[elem][0]
     return type_bits(g.types.get(src, onnx.TensorProto.FLOAT)), None, False
+
+
+def integer_width(elem_type: int | None) -> tuple[int, int, bool] | None:
+    """(bits, element type, narrowed=False) of an integer kernel's operand of type ``elem_type``; None if unknown."""
+    if elem_type is None or elem_type not in TYPE_BITS:
+        return None
+    return TYPE_BITS[elem_type][0], elem_type, False
 
 
 def tensor_bytes(g: Graph, name: str | None, bits: int, seen: set[str]) -> float:

@@ -96,8 +96,10 @@ def _copy(message, cls):
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto, marks: list[Mark], opset: int) -> None:
+    def __init__(self, model: onnx.ModelProto, marks: list[Mark], opset: int,
+                 containers: dict[str, int] | None = None) -> None:
         self.model, self.marks, self.opset = model, marks, opset
+        self.containers = containers or {}  # activation key -> least container bits (--portable)
         self.graph = model.graph
         self.nodes = list(self.graph.node)  # kept alive: replacements are keyed by id()
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -142,7 +144,7 @@ class _Rewriter:
     def act(self, node: onnx.NodeProto, mark: Mark) -> list[onnx.NodeProto]:
         """``Q -> DQ`` of one tensor (an alias reuses the tensor's scale and zero point)."""
         src, out = node.input[0], node.output[0]
-        st = storage(mark.bits, mark.signed, self.opset, f"tensor `{mark.key}`")
+        st = storage(mark.bits, mark.signed, self.opset, f"tensor `{mark.key}`", self.containers.get(mark.key, 0))
         if st is None:
             self.rename[out] = src
             return []
@@ -373,6 +375,10 @@ class _Rewriter:
         self.model.opset_import.extend(kept_ops)
 
 
-def rewrite(model: onnx.ModelProto, marks: list[Mark], opset: int) -> list[Rewritten]:
-    """Replace every ``cgmq.Mark`` in ``model`` (in place); one record per layer call."""
-    return _Rewriter(model, marks, opset).run()
+def rewrite(model: onnx.ModelProto, marks: list[Mark], opset: int,
+            containers: dict[str, int] | None = None) -> list[Rewritten]:
+    """Replace every ``cgmq.Mark`` in ``model`` (in place); one record per layer call.
+
+    ``containers`` maps activation keys to the least container width to store them in.
+    """
+    return _Rewriter(model, marks, opset, containers).run()

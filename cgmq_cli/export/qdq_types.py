@@ -30,6 +30,12 @@ How a container's range is declared (and read back by ``cgmq verify``):
   node carries the node metadata ``cgmq.range = "lo,hi"``. Verify trusts the
   marker only when every stored code lies inside it.
 
+Portable files (``cgmq export --portable``): opset 21, so 2-bit tensors travel
+in int4/uint4 (OpenVINO 2026 cannot load the opset-25 int2/uint2 types), and an
+activation narrower than 8 bits that a layer with 8-bit weights reads travels
+in an 8-bit container with an integer Clip (OpenVINO 2026.4's compile_model
+aborts on a uint4 activation feeding a MatMul/Gemm with int8 weights).
+
 The same float range guard (a no-op on the grid: QuantizeLinear saturates to
 the same bounds) is how cgmq keeps onnxruntime's QDQ fusions away from widths
 it has no kernels for. onnxruntime 1.32 (CPU, default options) has integer
@@ -112,13 +118,19 @@ class Storage:
         return "int" if self.container_bits == 8 else "float"
 
 
-def storage(bits: int, signed: bool, opset: int, what: str = "tensor") -> Storage | None:
-    """The storage of a ``bits``-wide tensor in an ``opset`` file; None for float (32 bits)."""
+def storage(bits: int, signed: bool, opset: int, what: str = "tensor", container: int = 0) -> Storage | None:
+    """The storage of a ``bits``-wide tensor in an ``opset`` file; None for float (32 bits).
+
+    ``container`` asks for at least that many bits of storage (``--portable``:
+    8 for an activation read by a layer with 8-bit weights).
+    """
     if bits >= FLOAT_BITS:
         return None
     if (bits, signed) not in NATIVE_TYPES:
         raise ExportError(f"{what}: {bits}-bit tensors have no ONNX integer type",
                           "use widths 2, 4, 8, 16 or 32")
+    if bits < container <= 8:
+        return Storage(bits, signed, NATIVE_TYPES[(container, signed)], container)
     if opset >= FIRST_OPSET[bits]:
         return Storage(bits, signed, NATIVE_TYPES[(bits, signed)], bits)
     if bits == 16:

@@ -51,7 +51,7 @@ from cgmq_cli.outputs import logits
 from cgmq_cli.export import lint
 from cgmq_cli.export.lint import load_session
 from cgmq_cli import ops
-from cgmq_cli.export.qdq_read import Graph, prepare, tensor_bytes, tensor_width
+from cgmq_cli.export.qdq_read import Graph, integer_width, prepare, tensor_bytes, tensor_width
 from cgmq_cli.export.qdq_types import FLOAT_BYTES
 
 __all__ = ["LayerWidths", "VerifyResult", "ParityResult", "read_widths", "check_budget", "parity", "latency",
@@ -119,6 +119,7 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
         except Exception as exc:
             raise CgmqError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200]}",
                             "pass an ONNX model file") from None
+    _check_measurable(raw, path)
     model, batch = prepare(raw)
     g = Graph(model)
     rows, weights, seen = [], {}, set()
@@ -128,10 +129,11 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
             continue
         _, read = found
         name = node.name or f"{node.op_type}_{i}"
-        notes: list[str] = []
+        notes: list[str] = [read.note] if read.note else []
         a_in, w_in, macs, bias = read.act, read.weight, read.macs, read.bias
-        bits_a, a_type, _ = tensor_width(g, a_in, notes) if a_in is not None else (32, None, False)  # a lookup
-        bits_w, w_type, w_narrowed = tensor_width(g, w_in, notes)
+        bits_a, a_type, _ = (integer_width(read.act_type) or tensor_width(g, a_in, notes)) if a_in is not None \
+            else (32, None, False)  # a lookup
+        bits_w, w_type, w_narrowed = integer_width(read.weight_type) or tensor_width(g, w_in, notes)
         bias_bits = tensor_width(g, bias, [])[0] if bias else 0
         wbytes = tensor_bytes(g, w_in, bits_w, seen) + tensor_bytes(g, bias, bias_bits, seen)
         weights[name] = g.origin_const(w_in)
@@ -139,6 +141,10 @@ def read_widths(source: str | os.PathLike | onnx.ModelProto, *, runtime: bool = 
                          bops=macs * bits_w * bits_a, weight_bytes=wbytes, notes=tuple(notes),
                          int_candidate=lint.static_int_candidate(None if w_narrowed else w_type, a_type,
                                                                  bits_w, bits_a)))
+    if not rows:
+        raise CgmqError(f"{_label(path)} has no Conv, Gemm, MatMul or integer kernel (QLinearConv, QGemm, "
+                        "MatMulInteger, ...): cgmq cannot measure its MACs or BOPs",
+                        "verify reads files whose compute is in these ops; refusing rather than reporting 0 BOPs")
     loads, error, kernels = None, None, {}
     if runtime:
         kernels, error = _runtime_kernels(raw, path, weights)
@@ -167,6 +173,34 @@ def _other_bytes(g: Graph, counted: set[str]) -> float:
         if n > 1:
             total += n * FLOAT_BYTES[t.data_type]
     return total
+
+
+# Ops with multiply-accumulates that cgmq cannot count: a file that has them would read back too few BOPs.
+UNMEASURED_OPS = frozenset({
+    "ConvTranspose", "QLinearConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Attention",
+    "QAttention", "MultiHeadAttention", "GroupQueryAttention", "MatMulNBits", "MatMulBnb4", "FusedConv",
+    "FusedGemm", "FusedMatMul", "NhwcQLinearConv", "QOrderedMatMul", "GatherBlockQuantized", "QLinearMatMulNBits",
+})
+
+
+def _label(path: Path | None) -> str:
+    return path.name if path is not None else "the model"
+
+
+def _check_measurable(raw: onnx.ModelProto, path: Path | None) -> None:
+    """Refuse (exit 2) a file that is not a model, or whose compute cgmq cannot count."""
+    if not raw.HasField("graph") or not raw.graph.node:
+        what = "is empty" if raw.ByteSize() == 0 else "has no graph nodes"
+        raise CgmqError(f"{_label(path)} {what}: not an ONNX model cgmq can measure", "pass an exported ONNX model file")
+    unknown: dict[str, int] = {}
+    for node in raw.graph.node:
+        if node.op_type in UNMEASURED_OPS:
+            unknown[node.op_type] = unknown.get(node.op_type, 0) + 1
+    if unknown:
+        listed = ", ".join(f"{op} ({n})" for op, n in sorted(unknown.items()))
+        raise CgmqError(f"{_label(path)} has ops whose MACs cgmq cannot count: {listed}; its BOPs would be too low",
+                        "verify reads Conv, Gemm, MatMul and onnxruntime's integer kernels (QLinearConv, QGemm, "
+                        "QLinearMatMul, ConvInteger, MatMulInteger, DynamicQuantizeMatMul)")
 
 
 def _runtime_kernels(raw: onnx.ModelProto, path: Path | None, weights: dict) -> tuple[dict, str | None]:

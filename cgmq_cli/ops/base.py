@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
+from onnx import TensorProto as TP
 from torch import fx, nn
 
 aten = torch.ops.aten
@@ -52,6 +53,12 @@ class Read:
     macs: int  # per example
     bias: str | None = None
     weight_is_activation: bool = False  # act x act: both widths are activation widths
+    # Integer kernels (QLinearConv, MatMulInteger, QGemm, ...) read integer tensors themselves, not
+    # DequantizeLinear outputs: their element types, as the node declares them (its zero points), or
+    # None to read the width from the graph (Q/DQ).
+    act_type: int | None = None
+    weight_type: int | None = None
+    note: str = ""  # e.g. "activation quantized to uint8 at run time"
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -115,6 +122,34 @@ def attr_tensor(gm: nn.Module, target: str) -> torch.Tensor:
 
 def layer_name(weight_target: str) -> str:
     return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+
+
+def onnx_input(node: Any, index: int) -> str | None:
+    """Input ``index`` of an ONNX node, or None when absent (an empty name is an omitted optional input)."""
+    return node.input[index] if len(node.input) > index and node.input[index] else None
+
+
+def integer_type(g: Any, node: Any, data: int, zero_point: int | None) -> int | None:
+    """The integer element type of operand ``data`` of an integer kernel: its zero point's type, else its own."""
+    for index in (zero_point, data):
+        name = onnx_input(node, index) if index is not None else None
+        elem = g.types.get(name) if name else None
+        if elem in _INTEGER_ELEM_TYPES:
+            return elem
+    return None
+
+
+def weight_shape(g: Any, name: str) -> list[int] | None:
+    """The static shape of a weight: inferred, else that of the initializer it is computed from."""
+    shape = g.shapes.get(name)
+    if shape and None not in shape:
+        return shape
+    origin = g.origin_const(name)
+    return list(g.consts[origin].dims) if origin is not None else None
+
+
+_INTEGER_ELEM_TYPES = frozenset({TP.UINT8, TP.INT8, TP.UINT16, TP.INT16, TP.INT32, TP.UINT32, TP.UINT4, TP.INT4,
+                                 TP.UINT2, TP.INT2})
 
 
 class ComputeOp:

@@ -1,10 +1,17 @@
 """Conv1d / Conv2d (grouped and depthwise included): one registry entry per dimensionality.
 
     MACs = output elements per example x Cin/groups x kernel size
+
+Read back from ``Conv`` (QDQ files) and from the integer kernels of other
+quantizers' files: ``QLinearConv`` (x, x_scale, x_zp, w, w_scale, w_zp,
+y_scale, y_zp, B; onnxruntime's QOperator format) and ``ConvInteger`` (x, w,
+x_zp, w_zp; its dynamic quantizer), whose operand widths are their integer
+input types.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,13 +19,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cgmq_cli.errors import TraceError
-from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, is_param_attr, layer_name, per_example, positional,
-                               shape_of)
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, integer_type, is_param_attr, layer_name, onnx_input,
+                               per_example, positional, shape_of, weight_shape)
 
 
 class _Conv(ComputeOp):
     integer = "conv"
-    onnx_ops = ("Conv",)
+    onnx_ops = ("Conv", "QLinearConv", "ConvInteger")
     output_quantized = True
     functional_fn: Any = None
 
@@ -70,13 +77,20 @@ class _Conv(ComputeOp):
             user.input.append(rw.bias_init(mark))
         return True
 
+    # operand positions per ONNX op: (input, weight, bias, input zero point, weight zero point)
+    _operands = {"Conv": (0, 1, 2, None, None), "QLinearConv": (0, 3, 8, 2, 5), "ConvInteger": (0, 1, None, 2, 3)}
+
     def read(self, g: Any, node: Any, batch: int) -> Read | None:
-        if node.op_type != "Conv":
+        if node.op_type not in self._operands:
             return None
-        w = g.shapes.get(node.input[1])
-        k = int(torch.Size(w[1:]).numel()) if w and None not in w else None
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return Read(act=node.input[0], weight=node.input[1], macs=g.macs(node, k, batch), bias=bias)
+        x, w_at, b_at, x_zp, w_zp = self._operands[node.op_type]
+        w = weight_shape(g, node.input[w_at])
+        k = int(torch.Size(w[1:]).numel()) if w else None
+        bias = onnx_input(node, b_at) if b_at is not None else g.bias_after(node)
+        read = Read(act=node.input[x], weight=node.input[w_at], macs=g.macs(node, k, batch), bias=bias)
+        if node.op_type == "Conv":
+            return read
+        return replace(read, act_type=integer_type(g, node, x, x_zp), weight_type=integer_type(g, node, w_at, w_zp))
 
 
 class Conv1d(_Conv):

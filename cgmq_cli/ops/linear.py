@@ -9,6 +9,13 @@ fuses into ``QGemm``. Every other width is written as ``MatMul`` with a
 pre-transposed ``[in, out]`` weight (axis 1) plus ``Add`` for the bias:
 onnxruntime 1.32 cannot load a 2-bit ``Gemm`` (its QGemm fusion rejects the
 type), nor a 2-bit ``DequantizeLinear -> Transpose -> MatMul``.
+
+Read back from ``Gemm`` / ``MatMul`` (QDQ files) and from the integer kernels
+of other quantizers' files, whose operand widths are their integer input
+types: ``QLinearMatMul`` and ``QGemm`` (onnxruntime's QOperator format),
+``MatMulInteger``, ``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``
+(its dynamic quantizer; the last quantizes its float input to uint8 at run
+time, so that input counts as 8 bits).
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
+from onnx import TensorProto as TP
 from onnx import helper
 from torch import fx, nn
 
-from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, is_param_attr, layer_name, per_example, positional,
-                               shape_of)
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, integer_type, is_param_attr, layer_name, onnx_input,
+                               per_example, positional, shape_of, weight_shape)
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -39,7 +47,8 @@ class Linear(ComputeOp):
     integer = "linear"
     modules = (nn.Linear,)
     functions = (F.linear, aten.linear.default)
-    onnx_ops = ("Gemm", "MatMul")
+    onnx_ops = ("Gemm", "MatMul", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul")
 
     def functionalize(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
         graph = gm.graph
@@ -94,7 +103,13 @@ class Linear(ComputeOp):
             return True
         return False
 
+    # integer kernels: (A, B, bias, A zero point, B zero point) positions
+    _integer = {"QLinearMatMul": (0, 3, None, 2, 5), "QGemm": (0, 3, 6, 2, 5), "MatMulInteger": (0, 1, None, 2, 3),
+                "MatMulIntegerToFloat": (0, 1, 6, 4, 5), "DynamicQuantizeMatMul": (0, 1, 4, None, 3)}
+
     def read(self, g: Any, node: Any, batch: int) -> Read | None:
+        if node.op_type in self._integer:
+            return self._read_integer(g, node, batch)
         if node.op_type == "Gemm":
             a = g.shapes.get(node.input[0])
             k = (a[0] if _attr(node, "transA", 0) else a[1]) if a and len(a) == 2 else None
@@ -110,3 +125,22 @@ class Linear(ComputeOp):
         b = g.shapes.get(node.input[1])
         k = (b[-2] if len(b) >= 2 else b[0]) if b else None
         return Read(act=act, weight=weight, macs=g.macs(node, k, batch), bias=g.bias_add(node))
+
+    def _read_integer(self, g: Any, node: Any, batch: int) -> Read | None:
+        a_at, b_at, bias_at, a_zp, b_zp = self._integer[node.op_type]
+        a, b = node.input[a_at], node.input[b_at]
+        if g.origin_const(b) is None:
+            return None  # activation x activation: not a linear layer
+        shape = weight_shape(g, b)
+        if node.op_type == "QGemm":
+            k = (shape[1] if _attr(node, "transB", 0) else shape[0]) if shape and len(shape) == 2 else None
+        else:
+            k = (shape[-2] if len(shape) >= 2 else shape[0]) if shape else None
+        macs = g.macs(node, k, batch)
+        bias = onnx_input(node, bias_at) if bias_at is not None else g.bias_after(node)
+        if node.op_type == "DynamicQuantizeMatMul":  # the float input is quantized to uint8 when it runs
+            return Read(act=a, weight=b, macs=macs, bias=bias, act_type=TP.UINT8,
+                        weight_type=integer_type(g, node, b_at, b_zp),
+                        note="input quantized to uint8 at run time (dynamic quantization)")
+        return Read(act=a, weight=b, macs=macs, bias=bias, act_type=integer_type(g, node, a_at, a_zp),
+                    weight_type=integer_type(g, node, b_at, b_zp))
