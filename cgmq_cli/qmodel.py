@@ -156,7 +156,7 @@ def prepare(
 ) -> QuantizedModel:
     """Trace, fold BN, insert quantizers and measure MACs for one example of ``sample_shape``."""
     gm = trace.trace(model.eval(), leaves)
-    gm = passes.fold_batchnorm(gm)
+    gm = passes.fold_aten_batchnorm(passes.fold_batchnorm(gm))  # BN modules, and aten BN of a .pt2
     gm = passes.functionalize(gm)
     example = torch.zeros((1, *sample_shape))
     _run_checked(lambda: ShapeProp(gm).propagate(example), example)
