@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -486,8 +487,7 @@ def sweep(
     fixed[key] = values[-1]  # any value: the settings must hold a budget to be complete; each point sets its own
     request = settings.resolve_compress(flags, fixed)
     stem = Path(request.model.split(":")[-1]).stem or "model"
-    target = Path(out) if out else Path("runs") / f"sweep-{stem}-{Path(request.out).name.rsplit('-', 2)[-2]}-" \
-        f"{Path(request.out).name.rsplit('-', 1)[-1]}"
+    target = Path(out) if out else Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"  # not cgmq.yaml's out
     with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
         if max_accuracy_drop is None:
             result = api.sweep(request, key, values, target, progress, render.info, force)

@@ -203,13 +203,13 @@ def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None,
     if qm.cost().bops != run.report["cost"]["bops"]:
         raise CheckFailedError(f"the rebuilt model costs {qm.cost().bops:,} BOPs but report.json says "
                                f"{run.report['cost']['bops']:,}", "the run directory was modified; compress again")
+    original = original_model(run_dir, run.settings, trust) if float_path is not None else None  # before writing
     inputs, source = _parity_inputs(run.settings, qm)
     metadata = {"budget": run.report["budget"], "run": run.report["run"], "profile": run.profile.name}
     with _writing(onnx_path):
         info = onnx_qdq.export_qdq(qm, onnx_path, opset, metadata, parity_inputs=inputs)
     float_info = None
     if float_path is not None:
-        original = original_model(run_dir, run.settings, trust)
         with _writing(float_path):
             float_info = export_original(original, qm.sample_shape, float_path, opset, metadata)
     latency = {}

@@ -212,10 +212,14 @@ def _bound(t: dict) -> str:
 
 def explain_rows(tensors: list[dict]) -> list[tuple[str, ...]]:
     """One row per tensor: width, allowed widths, one step up and down (predicted dloss, cost), bound, layers."""
-    return [(t["label"], str(t["width"]), ",".join(map(str, t["allowed"])),
-             _dloss(t.get("predicted_dloss_up"), "top"), _cost_step(t.get("cost_up"), "top"),
-             _dloss(t.get("predicted_dloss_down"), "bottom"), _cost_step(t.get("cost_down"), "bottom"),
-             _bound(t), _layer_names(t.get("layers") or [])) for t in tensors]
+    rows = []
+    for t in tensors:
+        steps = (("-",) * 4 if not t["gated"] else
+                 (_dloss(t.get("predicted_dloss_up"), "top"), _cost_step(t.get("cost_up"), "top"),
+                  _dloss(t.get("predicted_dloss_down"), "bottom"), _cost_step(t.get("cost_down"), "bottom")))
+        rows.append((t["label"], str(t["width"]), ",".join(map(str, t["allowed"])), *steps, _bound(t),
+                     _layer_names(t.get("layers") or [])))
+    return rows
 
 
 def explain_summary(tensors: list[dict]) -> str:
@@ -434,13 +438,13 @@ def sweep_plot(table: dict, path: Path, flag: str = "--plot") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [p["cost"][key] for p in points]
     ys = [p["accuracy"]["quantized"] for p in points]
-    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="runs")
     front = [p for p in points if p.get("pareto")]
     ax.plot([p["cost"][key] for p in front], [p["accuracy"]["quantized"] for p in front], color="tab:orange",
-            marker="o", zorder=2, label="Pareto front")
-    for p in points:
-        ax.annotate(f"{key}<={p['value']:g}", (p["cost"][key], p["accuracy"]["quantized"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -10))
+            marker="o", markersize=10, linewidth=2, zorder=2, label="Pareto front")
+    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="runs")
+    for i, p in enumerate(points):
+        ax.annotate(f"<= {p['value']:g}", (p["cost"][key], p["accuracy"]["quantized"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, -12 if i % 2 else 6))
     if isinstance(table.get("float_accuracy"), (int, float)):
         ax.axhline(table["float_accuracy"], color="gray", linestyle="--", linewidth=1, label="float")
         target = table.get("target")
@@ -449,7 +453,7 @@ def sweep_plot(table: dict, path: Path, flag: str = "--plot") -> None:
                        linewidth=1, label=f"float - {target['max_accuracy_drop']:g} points")
     if xs and min(xs) > 0 and max(xs) / min(xs) > 8:
         ax.set_xscale("log")
-    ax.set_xlabel(f"{key} (cost of the run)")
+    ax.set_xlabel(f"{key} of the run (labels: its budget)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"sweep {table['sweep']}: accuracy against {key}")
     ax.legend(fontsize=8, frameon=False)

@@ -60,7 +60,7 @@ def test_explain_table_exact_rows(tmp_path: Path) -> None:
     assert header == ["tensor", "width", "allowed", "dloss up", "cost up", "dloss down", "cost down", "bound by",
                       "layers"]
     rows = [[c.strip() for c in line.strip("│").split("│")] for line in lines[4:7]]
-    assert rows[0] == ["input of conv1", "8", "8", "top", "top", "bottom", "bottom", "fixed (no gate)", "conv1"]
+    assert rows[0] == ["input of conv1", "8", "8", "-", "-", "-", "-", "fixed (no gate)", "conv1"]
     assert rows[1] == ["weight of conv1", "4", "2,4,8,16,32", "-0.0123", "rel_bops +0.5", "+0.25", "rel_bops -0.25",
                        "rel_bops", "conv1"]
     assert rows[2] == ["weight of fc", "32", "2,4,8,16,32", "top", "top", "+0.0004",
