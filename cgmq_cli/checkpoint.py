@@ -47,6 +47,13 @@ class ModelSource:
                 "kind": self.kind, "sample_shape": list(self.sample_shape) if self.sample_shape else None}
 
 
+def fixed_batch_error(model: str, batch: int) -> CheckpointError:
+    """A .pt2 exported with a static batch size: cgmq trains and evaluates on batches."""
+    return CheckpointError(f"{model} was exported with a fixed batch size of {batch}; cgmq trains and evaluates on "
+                           "batches", "export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+                           "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

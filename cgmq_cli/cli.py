@@ -2,7 +2,10 @@
 
 Domain errors (:class:`CgmqError`) become ``error: <message>`` and an optional
 ``hint: ...`` on stderr with the kind's exit code; any other exception is an
-internal error (exit 1). Set ``CGMQ_DEBUG=1`` to see tracebacks.
+internal error (exit 1). With ``--json`` (or ``--format json``) the boundary
+also prints exactly one JSON object on stdout for every failure:
+``{"error", "hint", "exit_code"}``, merged into the command's result where
+it has one (check, verify, sweep). Set ``CGMQ_DEBUG=1`` to see tracebacks.
 """
 
 from __future__ import annotations
@@ -11,59 +14,62 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from torch import nn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from cgmq_cli import __version__, api, checks, render, rundir, settings
-from cgmq_cli import compress as compress_mod
-from cgmq_cli.compress import CompressSettings
-from cgmq_cli.compress import compress as run_compress
-from cgmq_cli.cost import Budget
-from cgmq_cli.sanitize import clean
+from cgmq_cli import __version__, api, render
 from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError,
                              InterruptedRun, UsageError, os_error)
-from cgmq_cli.trainer import TrainConfig
+from cgmq_cli.sanitize import clean
+
+# Nothing here imports torch, onnx or onnxruntime at start-up: `cgmq --help`, `profiles`, `report` and
+# `check` never need them (tests/e2e/test_startup.py); the commands that do import them through api.
 
 
 def debug_enabled() -> bool:
     return os.environ.get("CGMQ_DEBUG", "") not in ("", "0")
 
 
-def _click_flow() -> tuple[type[BaseException], ...]:
-    """Exceptions that are click's control flow (usage errors, --help, exits): they pass the boundary.
+def _click_modules() -> list[Any]:
+    """The click that typer runs on: typer >= 0.22 vendors its own (``typer._click``), older typer the package.
 
-    Typer >= 0.22 vendors its own click (``typer._click``) and does not install the
-    ``click`` package; older typer uses that package. Cover both.
+    The ``click`` package is imported only when typer has no vendored copy (it costs start-up time).
     """
+    try:
+        import typer._click.exceptions as vendored
+
+        return [vendored] + ([sys.modules["click.exceptions"]] if "click.exceptions" in sys.modules else [])
+    except ImportError:
+        pass
+    try:
+        import click.exceptions
+    except ImportError:
+        return []
+    return [click.exceptions]
+
+
+def _click_flow() -> tuple[type[BaseException], ...]:
+    """Exceptions that are click's control flow (usage errors, --help, exits): they pass the boundary."""
     flow: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort)
     typer_exc = getattr(getattr(typer, "exceptions", None), "TyperException", None)
     if typer_exc is not None:
         flow += (typer_exc,)
-    try:
-        import click
-    except ImportError:
-        return flow
-    return flow + (click.exceptions.Exit, click.ClickException, click.exceptions.Abort)
+    for module in _click_modules():
+        flow += tuple(getattr(module, name) for name in ("Exit", "ClickException", "Abort") if hasattr(module, name))
+    return flow
 
 
 _CLICK_FLOW = _click_flow()
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:
-    """click's usage errors (bad or missing flags and values), in typer's vendored click and the package."""
-    kinds: list[type[BaseException]] = []
-    for name in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            module = __import__(name, fromlist=["UsageError"])
-        except ImportError:
-            continue
-        kinds.append(module.UsageError)
-    return tuple(kinds)
+    """click's usage errors (bad or missing flags and values)."""
+    return tuple(module.UsageError for module in _click_modules())
 
 
 _USAGE_ERRORS = _usage_error_types()
@@ -81,13 +87,108 @@ def _quiet_after_interrupt() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def wants_json(args: List[str]) -> bool:
+    """Whether the command line asks for JSON on stdout (``--json``, ``--format json``, ``--format=json``)."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in ("--json", "--format=json") or (arg == "--format" and args[i + 1:i + 2] == ["json"]):
+            return True
+    return False
+
+
+class _PlainCoercion:
+    """typer's coercion of one ``str``/``int``/``float``/``bool``/``Path`` parameter (or a list of them), without pydantic.
+
+    typer 0.2x coerces every parameter through a pydantic TypeAdapter; importing
+    pydantic costs about 0.1 s of every command's start-up. For these plain
+    types the result (and the error text) is the same; parameters of any other
+    type, or a typer without this hook, keep typer's own coercion.
+    """
+
+    MESSAGES = {int: "Input should be a valid integer, unable to parse string as an integer",
+                float: "Input should be a valid number, unable to parse string as a number"}
+    BOOLEAN = {**dict.fromkeys(("1", "true", "t", "yes", "y", "on"), True),
+               **dict.fromkeys(("0", "false", "f", "no", "n", "off"), False)}
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        many = param.multiple or param.nargs == -1
+        if value is None:
+            return () if many else None
+        if many:
+            if isinstance(value, str):
+                raise _bad_parameter("Value must be an iterable.", ctx, param)
+            return [self._one(v, param, ctx) for v in value]
+        return self._one(value, param, ctx)
+
+    def _one(self, value: Any, param: Any, ctx: Any) -> Any:
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in self.BOOLEAN:
+                return self.BOOLEAN[word]
+            raise _bad_parameter("Input should be a valid boolean, unable to interpret input", ctx, param)
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        try:
+            return self.kind(value.strip() if self.kind in (int, float) and isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            raise _bad_parameter(self.MESSAGES.get(self.kind, f"Value {value!r} is not a valid {self.kind.__name__}."),
+                                 ctx, param) from None
+
+
+def _bad_parameter(message: str, ctx: Any, param: Any) -> BaseException:
+    for module in _click_modules():
+        if hasattr(module, "BadParameter"):
+            return module.BadParameter(message, ctx=ctx, param=param)
+    return UsageError(message)
+
+
+def _plain_param(param: Any) -> Any:
+    import typing
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if typing.get_origin(annotation) is list:
+        annotation = (typing.get_args(annotation) or (None,))[0]
+    if annotation in (str, int, float, bool, Path) and getattr(param, "_runtime_param", "absent") is None:
+        param._runtime_param = _PlainCoercion(annotation)
+    return param
+
+
+def _plain_coercion(command: Any) -> Any:
+    """Give ``command``'s plain-typed parameters (``--help`` too) :class:`_PlainCoercion`; others are left alone."""
+    for param in getattr(command, "params", ()):
+        _plain_param(param)
+    original = getattr(command, "get_help_option", None)
+    if original is not None and not getattr(original, "cgmq_plain", False):
+        def get_help_option(ctx: Any) -> Any:
+            return _plain_param(original(ctx))
+
+        get_help_option.cgmq_plain = True  # type: ignore[attr-defined]
+        command.get_help_option = get_help_option
+    return command
+
+
 class CgmqGroup(TyperGroup):
     """Runs every command inside the error boundary (also under CliRunner).
 
     CgmqError -> its one line and exit code; click usage errors -> one line, exit 2;
     OSError -> one line with the errno text, exit 2; sys.exit from user code -> exit 2
     (never one of cgmq's own codes); Ctrl-C -> exit 130; anything else is a bug (exit 1).
+    With ``--json`` each of them also prints one JSON object on stdout.
     """
+
+    def parse_args(self, ctx: typer.Context, args: List[str]) -> List[str]:
+        ctx.meta["cgmq_json"] = wants_json(list(args))
+        _plain_coercion(self)
+        return super().parse_args(ctx, args)
+
+    def get_command(self, ctx: typer.Context, name: str) -> Any:
+        return _plain_coercion(super().get_command(ctx, name))
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -97,39 +198,61 @@ class CgmqGroup(TyperGroup):
                 raise
             if isinstance(exc, InterruptedRun):
                 _quiet_after_interrupt()
-            render.error(exc.message, exc.hint)
-            ctx.exit(exc.exit_code)
+            self._fail(ctx, exc.message, exc.hint, exc.exit_code, exc.result)
         except KeyboardInterrupt:
             _quiet_after_interrupt()
-            render.error("interrupted")
-            ctx.exit(EXIT_INTERRUPTED)
+            self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
         except _USAGE_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":
                 raise
             command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "cgmq"
-            render.error(exc.format_message(), f"see `{command} --help`")
-            ctx.exit(EXIT_BAD_INPUT)
+            self._fail(ctx, exc.format_message(), f"see `{command} --help`", EXIT_BAD_INPUT)
         except _CLICK_FLOW:  # --help, exits: click/typer handle them
             raise
         except SystemExit as exc:  # only user code (an arch, loss or data file) calls sys.exit inside a command
             if debug_enabled():
                 raise
-            render.error(f"code cgmq imported called sys.exit({exc.code!r})",
-                         "an --arch, --loss or --data module must not exit")
-            ctx.exit(EXIT_BAD_INPUT)
+            self._fail(ctx, f"code cgmq imported called sys.exit({exc.code!r})",
+                       "an --arch, --loss or --data module must not exit", EXIT_BAD_INPUT)
         except OSError as exc:
             if debug_enabled():
                 raise
             error = os_error(exc, action="read or write")
-            render.error(error.message, error.hint)
-            ctx.exit(EXIT_BAD_INPUT)
+            self._fail(ctx, error.message, error.hint, EXIT_BAD_INPUT)
         except Exception as exc:
             if debug_enabled():
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
-            render.error(f"internal error: {type(exc).__name__}: {first[:300]}",
-                         "this is a bug in cgmq; rerun with CGMQ_DEBUG=1 for the traceback and report it")
-            ctx.exit(EXIT_INTERNAL)
+            self._fail(ctx, f"internal error: {type(exc).__name__}: {first[:300]}",
+                       "this is a bug in cgmq; rerun with CGMQ_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
+
+    @staticmethod
+    def _fail(ctx: typer.Context, message: str, hint: str | None, code: int, result: dict | None = None) -> None:
+        """The one place a failure is rendered: stderr lines always, one JSON object on stdout under --json."""
+        render.error(message, hint)
+        if ctx.meta.get("cgmq_json"):
+            render.json_error(clean(message), clean(hint) if hint else None, code, result)
+        ctx.exit(code)
+
+
+class OptionalValue(TyperCommand):
+    """A command whose options named in ``OPTIONAL`` may be given without a value (then they get "").
+
+    ``cgmq export --onnx`` writes the default path; ``--onnx PATH`` that path.
+    A following token that starts with ``-`` is the next option, not the value.
+    """
+
+    OPTIONAL = ("--onnx",)
+
+    def parse_args(self, ctx: typer.Context, args: List[str]) -> List[str]:
+        fixed: List[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                fixed.extend(args[i:])
+                break
+            bare = arg in self.OPTIONAL and (i + 1 == len(args) or args[i + 1].startswith("-"))
+            fixed.append(f"{arg}=" if bare else arg)
+        return super().parse_args(ctx, fixed)
 
 
 app = typer.Typer(
@@ -161,29 +284,65 @@ TrustOpt = typer.Option(False, "--trust-checkpoint", help="Trust the model file 
 LeafOpt = typer.Option(None, "--leaf", help="Keep this submodule untraced (repeatable), e.g. for data-dependent control flow.")
 ShapeOpt = typer.Option(None, "--input-shape", help="Example input shape with batch first, e.g. 1,3,224,224.")
 ProfileOpt = typer.Option(None, "--profile", help="Hardware profile: a preset name (see `cgmq profiles`) or a YAML file.")
+DataOpt = typer.Option(None, "--data", help="Training data: digits, mnist[:DIR], fashion-mnist[:DIR], cifar10[:DIR], imagefolder:DIR, module:fn or file.py:fn.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object to stdout (also on failure: error, hint, exit_code).")
+
+# Options of compress that sweep shares.
+SubsetOpt = typer.Option(None, "--subset", help="Use only N training examples (a fixed seeded subset).")
+BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default 64).")
+WorkersOpt = typer.Option(None, "--workers", help="DataLoader worker processes (default 0).")
+WeightBitsOpt = typer.Option(None, "--weight-bits", help="Narrow the profile's weight widths, e.g. 4,8.")
+ActBitsOpt = typer.Option(None, "--act-bits", help="Narrow the profile's activation widths, e.g. 4,8.")
+BopsOpt = typer.Option(None, "--budget-bops", help="Budget in BOPs (sum of MACs x b_w x b_a), e.g. 1e8.")
+RelBopsOpt = typer.Option(None, "--budget-rel-bops", help="Budget in percent of the float 32x32 BOPs, e.g. 1.5.")
+BytesOpt = typer.Option(None, "--budget-weight-bytes", help="Budget on the weight memory in bytes, e.g. 65536.")
+CostOpt = typer.Option(None, "--budget-cost", help="Budget in the profile's cost-table unit (e.g. cycles).")
+EpochsOpt = typer.Option(None, "--epochs", help="Total epochs, split between gate and weight epochs (default 6).")
+LrOpt = typer.Option(None, "--lr", help="Learning rate of weights and steps (Adam, default 1e-3).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed: the same seed repeats a run on the same machine.")
+DeviceOpt = typer.Option(None, "--device", help="cpu (default) or cuda.")
+LossOpt = typer.Option(None, "--loss", help="Loss as module:fn (default cross-entropy).")
+GateStepsOpt = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300; 0: one pass over the data).")
+FinishOpt = typer.Option(None, "--finish", help="Gate-epoch finish: repair-fill (default) or constraint (plain CGGD).")
+AmpOpt = typer.Option(False, "--amp", help="CUDA mixed precision (float16 autocast) for the model; quantizers stay float32.")
 
 
 def model_request(model: str, arch: Optional[str], trust: bool, leaf: Optional[List[str]], input_shape: Optional[str]) -> api.ModelRequest:
+    from cgmq_cli import settings
+
     return api.ModelRequest(model=model, arch=arch, trust=trust, leaves=settings.check_setting("leaf", leaf or [], "--leaf"),
                             input_shape=settings.parse_shape(input_shape, "--input-shape"))
 
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME."),
+    model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
     arch: Optional[str] = ArchOpt,
     input_shape: Optional[str] = ShapeOpt,
     leaf: Optional[List[str]] = LeafOpt,
     trust_checkpoint: bool = TrustOpt,
     profile: Optional[str] = ProfileOpt,
     input_dtype: str = typer.Option("float32", "--input-dtype", help="Input element type: float32, or int64 for token ids."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout instead of a table."),
+    data_spec: Optional[str] = typer.Option(None, "--data", help="A data spec (as for compress) whose examples give the input shape, e.g. digits."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """List the quantizable layers of a model with MACs, parameters, totals and the compute left in float."""
     if input_dtype not in ("float32", "int64"):
         raise UsageError(f"--input-dtype {input_dtype!r}: expected float32 or int64")
-    request = replace(model_request(model, arch, trust_checkpoint, leaf, input_shape), input_dtype=input_dtype)
-    result = api.inspect(request, profile)
+    from cgmq_cli import settings
+
+    project, _ = settings.read_project()  # model, arch, input_shape, leaf, profile, data: flags win
+    model = model or project.get("model")
+    if not model:
+        raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
+    leaves = leaf or list(project.get("leaf") or [])
+    shape = input_shape if input_shape is not None else project.get("input_shape")
+    shape_text = ",".join(map(str, shape)) if isinstance(shape, tuple) else shape
+    request = replace(model_request(model, arch or project.get("arch"), trust_checkpoint, leaves, shape_text),
+                      input_dtype=input_dtype)
+    result = api.inspect(request, profile or project.get("profile"), data_spec or project.get("data"))
+    for note in result.notes:
+        render.info(f"note: {note}")
     if as_json:
         render.json_out(result.as_dict())
     else:
@@ -191,7 +350,7 @@ def inspect(
 
 
 @app.command()
-def profiles(as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout.")) -> None:
+def profiles(as_json: bool = JsonOpt) -> None:
     """List the hardware profiles shipped in presets/."""
     from cgmq_cli.profiles import list_presets
 
@@ -204,6 +363,21 @@ def profiles(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         render.profiles_table(rows)
 
 
+def _compress_flags(**flags: Any) -> dict:
+    """The compress flags as settings keys (None: not given)."""
+    flags["trust"] = flags.pop("trust_checkpoint") or None
+    flags["amp"] = flags["amp"] or None
+    return flags
+
+
+def _budget_flags(bops: Optional[str], rel_bops: Optional[str], weight_bytes: Optional[str], cost: Optional[str]) -> dict:
+    return {"bops": bops, "rel_bops": rel_bops, "weight_bytes": weight_bytes, "cost": cost}
+
+
+def _schedule(request: Any) -> list[str]:
+    return request.train.schedule()
+
+
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
@@ -211,37 +385,39 @@ def compress(
     input_shape: Optional[str] = ShapeOpt,
     leaf: Optional[List[str]] = LeafOpt,
     trust_checkpoint: bool = TrustOpt,
-    data_spec: Optional[str] = typer.Option(None, "--data", help="Training data: digits, mnist[:DIR], fashion-mnist[:DIR], cifar10[:DIR], imagefolder:DIR, module:fn or file.py:fn."),
-    subset: Optional[int] = typer.Option(None, "--subset", help="Use only N training examples (a fixed seeded subset)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 64)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (default 0)."),
+    data_spec: Optional[str] = DataOpt,
+    subset: Optional[int] = SubsetOpt,
+    batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt,
     profile: Optional[str] = ProfileOpt,
-    weight_bits: Optional[str] = typer.Option(None, "--weight-bits", help="Narrow the profile's weight widths, e.g. 4,8."),
-    act_bits: Optional[str] = typer.Option(None, "--act-bits", help="Narrow the profile's activation widths, e.g. 4,8."),
-    budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="Budget in BOPs (sum of MACs x b_w x b_a), e.g. 1e8."),
-    budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="Budget in percent of the float 32x32 BOPs, e.g. 1.5."),
-    budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Budget on the weight memory in bytes, e.g. 65536."),
-    budget_cost: Optional[str] = typer.Option(None, "--budget-cost", help="Budget in the profile's cost-table unit (e.g. cycles)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs, split between gate and weight epochs (default 6)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of weights and steps (Adam, default 1e-3)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed repeats a run on the same machine."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Loss as module:fn (default cross-entropy)."),
+    weight_bits: Optional[str] = WeightBitsOpt,
+    act_bits: Optional[str] = ActBitsOpt,
+    budget_bops: Optional[str] = BopsOpt,
+    budget_rel_bops: Optional[str] = RelBopsOpt,
+    budget_weight_bytes: Optional[str] = BytesOpt,
+    budget_cost: Optional[str] = CostOpt,
+    epochs: Optional[int] = EpochsOpt,
+    lr: Optional[float] = LrOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    loss: Optional[str] = LossOpt,
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<time>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint (--trust-checkpoint may be added)."),
-    gate_steps: Optional[int] = typer.Option(None, "--gate-steps", help="Minimum batches per gate epoch (default 300; 0: one pass over the data)."),
-    finish: Optional[str] = typer.Option(None, "--finish", help="Gate-epoch finish: repair-fill (default) or constraint (plain CGGD)."),
-    amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (float16 autocast) for the model; quantizers stay float32."),
-    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr."),
+    gate_steps: Optional[int] = GateStepsOpt,
+    finish: Optional[str] = FinishOpt,
+    amp: bool = AmpOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout; logs go to stderr (on failure: error, hint, exit_code)."),
 ) -> None:
     """Compress MODEL to mixed precision within the budget(s), learning every width by CGMQ."""
-    flags = dict(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust=trust_checkpoint or None,
-                 data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
-                 weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
-                 loss=loss, out=out, gate_steps=gate_steps, finish=finish, amp=amp or None)
-    budget_flags = {"bops": budget_bops, "rel_bops": budget_rel_bops, "weight_bytes": budget_weight_bytes,
-                    "cost": budget_cost}
+    from cgmq_cli import report as rep
+    from cgmq_cli import rundir, settings
+
+    flags = _compress_flags(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust_checkpoint=trust_checkpoint,
+                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                            weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
+                            loss=loss, out=out, gate_steps=gate_steps, finish=finish, amp=amp)
+    budget_flags = _budget_flags(budget_bops, budget_rel_bops, budget_weight_bytes, budget_cost)
     if resume:
         given = [k for k, v in {**flags, **{f"budget_{k}": v for k, v in budget_flags.items()}}.items()
                  if v is not None and v != [] and k != "trust"]
@@ -254,17 +430,94 @@ def compress(
                              "drop the other flags, or start a new run")
         run_dir = rundir.resolve_run(resume)
         with _terminate_as_interrupt(), render.TrainProgress() as progress:
-            result = compress_mod.resume(run_dir, progress, trust=trust_checkpoint, notify=render.info)
+            result = api.resume(run_dir, progress, trust=trust_checkpoint, notify=render.info)
     else:
         request = settings.resolve_compress(flags, budget_flags)
-        with _terminate_as_interrupt(), render.TrainProgress() as progress:
-            result = run_compress(request, progress, force=force)
+        with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+            result = api.compress(request, progress, force=force)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     if as_json:
         render.json_out(result.report)
     else:
-        render.compress_summary(result.report, result.run_dir)
+        render.compress_summary(result.report, result.run_dir, rep.notes(result.report))
+
+
+@app.command()
+def sweep(
+    model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
+    budgets: str = typer.Option(..., "--budgets", help="The swept budget: KEY=V1,V2,... with KEY bops, rel_bops, weight_bytes or cost, e.g. rel_bops=0.6,1,2,4; with --max-accuracy-drop the interval LOW,HIGH."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Find the smallest budget whose accuracy drop (float minus quantized, points) is at most D, by bisection."),
+    max_runs: int = typer.Option(6, "--max-runs", help="With --max-accuracy-drop: at most N compress runs (2 to 6)."),
+    arch: Optional[str] = ArchOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    leaf: Optional[List[str]] = LeafOpt,
+    trust_checkpoint: bool = TrustOpt,
+    data_spec: Optional[str] = DataOpt,
+    subset: Optional[int] = SubsetOpt,
+    batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt,
+    profile: Optional[str] = ProfileOpt,
+    weight_bits: Optional[str] = WeightBitsOpt,
+    act_bits: Optional[str] = ActBitsOpt,
+    budget_bops: Optional[str] = typer.Option(None, "--budget-bops", help="A fixed BOPs budget every point also meets."),
+    budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="A fixed relative-BOPs budget (percent) every point also meets."),
+    budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="A fixed weight-memory budget (bytes) every point also meets."),
+    budget_cost: Optional[str] = typer.Option(None, "--budget-cost", help="A fixed cost-table budget every point also meets."),
+    epochs: Optional[int] = EpochsOpt,
+    lr: Optional[float] = LrOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    loss: Optional[str] = LossOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="Sweep directory (default runs/sweep-<model>-<time>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing sweep directory that cgmq made."),
+    gate_steps: Optional[int] = GateStepsOpt,
+    finish: Optional[str] = FinishOpt,
+    amp: bool = AmpOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Pareto sweep: one compress per budget (float evaluation and calibration shared), a table and a plot."""
+    from cgmq_cli import settings
+    from cgmq_cli import sweep as sweep_mod
+
+    key, values = sweep_mod.parse_budgets(budgets)
+    fixed = _budget_flags(budget_bops, budget_rel_bops, budget_weight_bytes, budget_cost)
+    if fixed.get(key) is not None:
+        raise UsageError(f"--budget-{key.replace('_', '-')} and --budgets {key}=... both set the swept budget",
+                         f"drop --budget-{key.replace('_', '-')}")
+    flags = _compress_flags(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust_checkpoint=trust_checkpoint,
+                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                            weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
+                            loss=loss, out=None, gate_steps=gate_steps, finish=finish, amp=amp)
+    fixed[key] = values[-1]  # any value: the settings must hold a budget to be complete; each point sets its own
+    request = settings.resolve_compress(flags, fixed)
+    stem = Path(request.model.split(":")[-1]).stem or "model"
+    target = Path(out) if out else Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"  # not cgmq.yaml's out
+    with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+        if max_accuracy_drop is None:
+            result = api.sweep(request, key, values, target, progress, render.info, force)
+        else:
+            drop = settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop")
+            if len(values) < 2:
+                raise UsageError("--max-accuracy-drop searches an interval: give --budgets KEY=LOW,HIGH",
+                                 f"e.g. --budgets {key}=0.5,8")
+            result = api.sweep_target(request, key, values[0], values[-1], drop, target, max_runs, progress,
+                                      render.info, force)
+    if max_accuracy_drop is not None and result.chosen is None:
+        raise CheckFailedError(f"no budget up to {key}={values[-1]:g} kept the accuracy drop within "
+                               f"{max_accuracy_drop:g} points (see {result.path})",
+                               "raise the upper budget, or allow a larger drop").with_result(result.table)
+    if as_json:
+        render.json_out(result.table)
+    else:
+        _show_sweep(result.table, result.path)
+
+
+def _show_sweep(table: dict, path: Path) -> None:
+    from cgmq_cli import report as rep
+
+    files = [name for name in ("sweep.json", "sweep.md", "sweep.csv", "sweep.png") if (path / name).is_file()]
+    render.show(*rep.sweep_table(table), f"wrote {', '.join(str(path / f) for f in files)}")
 
 
 @contextlib.contextmanager
@@ -300,27 +553,53 @@ def _terminate_as_interrupt():
 
 
 def _load_reports(runs: Optional[List[str]]) -> list[tuple[Path, dict]]:
-    dirs = [rundir.resolve_run(r) for r in runs] if runs else [rundir.resolve_run(None)]
-    return [(d, rundir.read_report(d)) for d in dirs]
+    dirs = [api.resolve(r) for r in runs] if runs else [api.resolve(None)]
+    return [(d, api.load_report(d)) for d in dirs]
 
 
 @app.command()
 def report(
-    runs: Optional[List[str]] = typer.Argument(None, help="Run directories (default runs/latest); two or more are compared side by side."),
+    runs: Optional[List[str]] = typer.Argument(None, help="Run directories (default runs/latest); two or more are compared side by side; a sweep directory shows its table."),
     fmt: str = typer.Option("table", "--format", help="table (default), json, markdown or csv."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: bits per layer and each layer's share of BOPs."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json: one JSON object on stdout."),
+    explain: bool = typer.Option(False, "--explain", help="Why these bits: per tensor its width, allowed widths, the predicted loss change and cost of one step up and down, and the budget that bound it."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: bits per layer, each layer's share of BOPs and why these bits (a sweep: accuracy against cost)."),
 ) -> None:
-    """Show a run's per-layer widths, cost against each budget and accuracy."""
+    """Show a run's per-layer widths, cost against each budget and accuracy (or a sweep's table)."""
     from cgmq_cli import report as rep
 
+    if as_json:
+        if fmt not in ("table", "json"):
+            raise UsageError(f"--json and --format {fmt} ask for two formats", "pass one of them")
+        fmt = "json"
     if fmt not in ("table", "json", "markdown", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json, markdown or csv")
-    loaded = _load_reports(runs)
-    reports = [r for _, r in loaded]
+    dirs = [api.resolve(r) for r in runs] if runs else [api.resolve(None)]
+    sweeps = [d for d in dirs if api.is_sweep(d)]
+    if sweeps:
+        if len(dirs) > 1:
+            raise UsageError(f"{sweeps[0]} is a sweep directory; show it on its own", f"cgmq report {sweeps[0]}")
+        if explain:
+            raise UsageError(f"{dirs[0]} is a sweep; --explain shows one run",
+                             f"pass one of its runs, e.g. cgmq report {dirs[0]}/<run> --explain")
+        return _report_sweep(api.load_sweep(dirs[0]), dirs[0], fmt, plot)
+    reports = [api.load_report(d) for d in dirs]
+    if explain:
+        if len(reports) > 1:
+            raise UsageError("--explain shows one run; pass a single run directory")
+        text = {"json": None, "csv": rep.explain_csv, "markdown": rep.explain_markdown}
+        rep.explained(reports[0], str(dirs[0]))  # a run without `tensors` is one line before any output
     if plot is not None:
         rep.plot(reports, plot)
         render.info(f"wrote {plot}")
-    if fmt == "json":
+    if explain:
+        if fmt == "json":
+            render.json_out({"run": reports[0]["run"], "tensors": rep.explained(reports[0], str(dirs[0]))})
+        elif fmt == "table":
+            render.show(*rep.explain_table(reports[0], str(dirs[0])))
+        else:
+            sys.stdout.write(text[fmt](reports[0], str(dirs[0])))
+    elif fmt == "json":
         render.json_out(reports[0] if len(reports) == 1 else {"runs": reports})
     elif fmt == "csv":
         if len(reports) > 1:
@@ -329,7 +608,23 @@ def report(
     elif fmt == "markdown":
         sys.stdout.write(rep.markdown(reports[0]) if len(reports) == 1 else rep.comparison_markdown(reports))
     else:
-        render.stdout().print(rep.rich_report(reports[0]) if len(reports) == 1 else rep.comparison_table(reports))
+        render.show(*(rep.blocks(reports[0]) if len(reports) == 1 else [rep.comparison_table(reports)]))
+
+
+def _report_sweep(table: dict, path: Path, fmt: str, plot: Optional[Path]) -> None:
+    from cgmq_cli import report as rep
+
+    if plot is not None:
+        rep.sweep_plot(table, plot)
+        render.info(f"wrote {plot}")
+    if fmt == "json":
+        render.json_out(table)
+    elif fmt == "csv":
+        sys.stdout.write(rep.sweep_csv(table))
+    elif fmt == "markdown":
+        sys.stdout.write(rep.sweep_markdown(table))
+    else:
+        render.show(*rep.sweep_table(table))
 
 
 @app.command()
@@ -341,9 +636,11 @@ def check(
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="Fail when quantized accuracy (percent) is below A."),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail when float minus quantized accuracy exceeds D points."),
     min_coverage: Optional[float] = typer.Option(None, "--min-coverage", help="Fail when less than P percent of the model's MACs run in quantized layers."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout: the checks, and on failure also error, hint, exit_code."),
 ) -> None:
     """CI gate: exit 0 only when the run is within its budgets and every given threshold holds."""
+    from cgmq_cli import checks, settings
+
     limits = dict(max_bops=settings.parse_number(max_bops, "--max-bops"),
                   max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
                   max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
@@ -353,39 +650,38 @@ def check(
     (run_dir, rep_dict), = _load_reports([run] if run else None)
     results = checks.run_checks(rep_dict, **limits)
     failed = [r for r in results if not r.ok]
-    if as_json:
-        render.json_out({"run": str(run_dir), "ok": not failed, "checks": [r.as_dict() for r in results]})
-    else:
+    payload = {"run": str(run_dir), "ok": not failed, "checks": [r.as_dict() for r in results]}
+    if not as_json:
         for r in results:
             typer.echo(clean(r.line()))
     if failed:
-        raise CheckFailedError(f"{len(failed)} of {len(results)} checks failed for {run_dir}")
+        raise CheckFailedError(f"{len(failed)} of {len(results)} checks failed for {run_dir}").with_result(payload)
+    if as_json:
+        render.json_out(payload)
 
 
-@app.command()
+@app.command(cls=OptionalValue)
 def export(
     run: Optional[str] = typer.Argument(None, help="Run directory (default runs/latest)."),
-    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="QDQ ONNX file to write (default RUN_DIR/model.onnx)."),
+    onnx_path: Optional[str] = typer.Option(None, "--onnx", metavar="[PATH]", help="QDQ ONNX file to write; --onnx alone or no --onnx: RUN_DIR/model.onnx."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset: 25 (default) native int2/int4; 21-24 2-bit in int4; 13-20 8-bit containers with Clip."),
     portable: bool = typer.Option(False, "--portable", help="Containers every tested runtime loads (OpenVINO too): opset 21, 2-bit in int4, sub-8-bit inputs of 8-bit-weight layers in uint8 with Clip."),
     allow_float_fallback: bool = typer.Option(False, "--allow-float-fallback", help="Write the file even when an op the profile runs as an integer kernel would run in float in onnxruntime (a warning instead of exit 4)."),
-    float_path: Optional[Path] = typer.Option(None, "--float", help="Also write the float model here, for comparison."),
+    float_path: Optional[Path] = typer.Option(None, "--float", help="Also write your float model as you gave it (unquantized, BatchNorm unfolded; rebuilt from the run's model file), for comparison."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Measure onnxruntime latency (median of repeated runs) of the files."),
     force: bool = typer.Option(False, "--force", help="Replace existing ONNX files that cgmq exported (never other files)."),
     trust_checkpoint: bool = TrustOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Export a run to ONNX QuantizeLinear/DequantizeLinear with its true widths, verified in onnxruntime."""
-    from cgmq_cli.deploy import export_run
-
     if opset is not None and not 13 <= opset <= 25:
         raise UsageError(f"--opset {opset}: supported opsets are 13 to 25")
     if portable and opset is not None and opset > 21:
         raise UsageError(f"--portable writes opset 21 or older, not --opset {opset}", "drop --opset, or use 21 or lower")
-    run_dir = rundir.resolve_run(run)
+    run_dir = api.resolve(run)
     with _terminate_as_interrupt():
-        result = export_run(run_dir, onnx_path, opset, float_path, benchmark, force, trust_checkpoint, render.info,
-                            portable=portable, allow_float_fallback=allow_float_fallback)
+        result = api.export(run_dir, onnx_path or None, opset, float_path, benchmark, force, trust_checkpoint,
+                            render.info, portable=portable, allow_float_fallback=allow_float_fallback)
     if as_json:
         render.json_out(result.as_dict())
     else:
@@ -399,34 +695,21 @@ def verify(
     budget_rel_bops: Optional[str] = typer.Option(None, "--budget-rel-bops", help="Fail (exit 4) when BOPs exceed P percent of the file's 32x32 BOPs."),
     budget_weight_bytes: Optional[str] = typer.Option(None, "--budget-weight-bytes", help="Fail (exit 4) when the weight bytes exceed N."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="Also run the file in: onnxruntime (default) or openvino (which layers run in int8 there; outputs compared with onnxruntime)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout: the widths read back, and when over budget also error, hint, exit_code."),
 ) -> None:
     """Read every layer's widths back from an ONNX file's Q/DQ nodes; compute BOPs and weight bytes."""
-    from cgmq_cli.export import openvino
-    from cgmq_cli.export import verify as ver
+    from cgmq_cli import settings
 
-    if runtime not in ("onnxruntime", "openvino"):
-        raise UsageError(f"--runtime {runtime!r}: expected onnxruntime or openvino")
-    if runtime == "openvino":
-        openvino.require()
-    if not onnx_file.is_file():
-        raise UsageError(f"{onnx_file} not found" if not onnx_file.exists() else f"{onnx_file} is not a file")
-    bops = settings.parse_number(budget_bops, "--budget-bops")
-    rel = settings.parse_number(budget_rel_bops, "--budget-rel-bops")
-    wbytes = settings.parse_number(budget_weight_bytes, "--budget-weight-bytes")
-    result = ver.read_widths(onnx_file)
-    if not result.loads:
-        ver.load_session(onnx_file)  # raises: one line with onnxruntime's reason, exit 2
-    if rel is not None:  # percent of the file's own 32x32 BOPs, as an absolute limit
-        rel_limit = rel / 100 * result.macs * 32 * 32
-        bops = rel_limit if bops is None else min(bops, rel_limit)
-    second = openvino.compare(onnx_file, [row.node for row in result.layers]) if runtime == "openvino" else None
+    result = api.verify(onnx_file, settings.parse_number(budget_bops, "--budget-bops"),
+                        settings.parse_number(budget_rel_bops, "--budget-rel-bops"),
+                        settings.parse_number(budget_weight_bytes, "--budget-weight-bytes"), runtime=runtime)
+    if not as_json:
+        render.verify_table(onnx_file, result.widths, result.budget["bops"], result.budget["weight_bytes"],
+                            result.openvino)
+    if not result.ok:
+        raise CheckFailedError(result.failure, result.hint).with_result(result.as_dict())
     if as_json:
-        render.json_out({"file": str(onnx_file), **result.as_dict(), "budget": {"bops": bops, "weight_bytes": wbytes},
-                         **({"openvino": second.as_dict()} if second is not None else {})})
-    else:
-        render.verify_table(onnx_file, result, bops, wbytes, second)
-    ver.check_budget(result, bops, wbytes)
+        render.json_out(result.as_dict())
 
 
 @app.command()
@@ -437,7 +720,10 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo run (and its OUT-float/ model)."),
 ) -> None:
     """Offline walk-through: train a small CNN on digits, compress it within a budget, report, export ONNX."""
-    from cgmq_cli import data, models, report as rep
+    import torch
+
+    from cgmq_cli import data, models, rundir, settings
+    from cgmq_cli import report as rep
     from cgmq_cli.trainer import evaluate, train_float
 
     epochs = settings.check_setting("epochs", epochs, "--epochs")
@@ -451,22 +737,20 @@ def demo(
     bundle = data.load_data("digits")
     train_loader, val_loader = data.make_loaders(bundle, 32, 0, 0)
     model = train_float(models.DigitsCNN(), train_loader, epochs=15, lr=3e-3, seed=0)
-    acc = evaluate(model, val_loader, nn.functional.cross_entropy, "cpu")["accuracy"]
+    acc = evaluate(model, val_loader, torch.nn.functional.cross_entropy, "cpu")["accuracy"]
     render.info(f"    float validation accuracy {acc:.2f}%")
     rundir.write_demo_model(float_dir, float_path.name, model.state_dict())
     render.info(f"2/4 cgmq compress {float_path} --arch cgmq_cli.models:DigitsCNN --data digits "
                 f"--budget-rel-bops {budget:g} --epochs {epochs} --out {out_dir}")
-    request = CompressSettings(model=str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
-                               budget=Budget(rel_bops=budget), batch_size=32, train=TrainConfig(epochs=epochs))
-    with _terminate_as_interrupt(), render.TrainProgress() as progress:
-        result = run_compress(request, progress, force=force)
+    request = api.settings(str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
+                           budget_rel_bops=budget, batch_size=32, epochs=epochs)
+    with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+        result = api.compress(request, progress, force=force)
     render.info(f"3/4 cgmq report {out_dir}")
-    render.stdout().print(rep.rich_report(result.report))
-    from cgmq_cli.deploy import export_run
-
+    render.show(*rep.blocks(result.report))
     render.info(f"4/4 cgmq export {out_dir} --onnx (verified in onnxruntime)")
     with _terminate_as_interrupt():
-        render.export_summary(export_run(out_dir, None))
+        render.export_summary(api.export(out_dir, None))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
 from cgmq_cli.sanitize import cut
 from cgmq_cli.qmodel import QuantizedModel
 from cgmq_cli.trainer import Event, Trainer, TrainConfig, TrainState, evaluate
+
+if TYPE_CHECKING:
+    from cgmq_cli.sweep import Shared
 
 MODEL_FORMAT = "cgmq-model/1"
 
@@ -112,10 +115,7 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
     profile = resolve_profile(settings, run_dir)
     model, source = checkpoint.load_model(settings.model, settings.arch, settings.trust)
     if source.fixed_batch is not None:
-        raise CheckpointError(f"{settings.model} was exported with a fixed batch size of {source.fixed_batch}; "
-                              "cgmq trains and evaluates on batches",
-                              "export it with a dynamic batch dimension: torch.export.export(model, (x,), "
-                              "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+        raise checkpoint.fixed_batch_error(settings.model, source.fixed_batch)
     bundle = data.load_data(settings.data, settings.subset, settings.seed)
     qm = api.prepare(model, bundle.sample_shape, settings.leaves, profile, bundle.sample_dtype)
     return model, qm, bundle, profile, source
@@ -219,7 +219,7 @@ def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwarePro
 def _log_line(event: Event) -> str:
     fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.data.items()
                       if k not in ("repaired", "filled"))
-    return f"{time.strftime('%H:%M:%S')} epoch={event.epoch + 1} {event.kind} {fields}"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} epoch={event.epoch + 1} {event.kind} {fields}"
 
 
 def _on_main(ctx: DistContext, step: Callable[[], object]) -> object:
@@ -252,17 +252,18 @@ def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: 
 
 
 def compress(settings: CompressSettings, on_event: Callable[[Event], None] | None = None,
-             force: bool = False, resume: bool = False) -> CompressResult:
+             force: bool = False, resume: bool = False, shared: "Shared | None" = None) -> CompressResult:
     """Run (or resume) a compression; returns the run directory and its report.
 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each
     global batch; only rank 0 writes the run directory and reports events.
     Every setting, the model, the data and the budget are checked before the
-    run directory is created or replaced.
+    run directory is created or replaced. ``shared`` (:func:`cgmq_cli.sweep.shared_start`
+    of the same model and data) supplies the float accuracy and the calibration.
     """
     ctx = distributed.from_env(settings.train.device)
     try:
-        return _compress(settings, on_event, force, resume, ctx)
+        return _compress(settings, on_event, force, resume, ctx, shared)
     finally:
         distributed.shutdown(ctx)
 
@@ -284,7 +285,7 @@ def resume(run_dir: Path, on_event: Callable[[Event], None] | None = None, trust
 
 
 def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | None, force: bool, resume: bool,
-              ctx: DistContext) -> CompressResult:
+              ctx: DistContext, shared: "Shared | None" = None) -> CompressResult:
     on_event = (on_event or (lambda e: None)) if ctx.is_main else (lambda e: None)
     device = distributed.device_for(ctx, settings.train.device)
     settings_run = replace(settings, train=replace(settings.train, device=device))
@@ -299,9 +300,12 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         loss_fn = _loss_fn(settings.loss)
         train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
                                                      distributed=ctx.enabled)
-        float_acc = evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"]
+        float_acc = (shared.float_accuracy if shared is not None
+                     else evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"])
+        if shared is not None:
+            qm.gm.load_state_dict(shared.calibrated)
         qm.gm.to(device)
-        if not resume:
+        if not resume and shared is None:
             qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
         trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
                           profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from cgmq_cli import data, rundir
 from cgmq_cli.compress import load_run
-from cgmq_cli.errors import CgmqError, CheckFailedError, InterruptedRun, OutputError, UsageError, os_error
+from cgmq_cli.errors import CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError, os_error
 from cgmq_cli.export import onnx_qdq, verify
 
 PARITY_BATCHES = 32  # up to 32 validation batches (every example of small sets)
@@ -106,6 +107,7 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int | None = None, 
     integer kernels, an op it promises that onnxruntime would run in float
     fails the export (exit 4) unless ``allow_float_fallback``; then each such
     op is one warning through ``notify``.
+    ``float_path`` gets the float model as the user gave it (:func:`original_model`), for comparison.
 
     The run directory is locked while export writes into it; temporaries of a
     killed export are removed; Ctrl-C or SIGTERM leaves no partial file.
@@ -166,6 +168,48 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def original_model(run_dir: Path, settings, trust: bool = False) -> torch.nn.Module:
+    """The model as the user gave it to the run: unquantized, BatchNorm unfolded, the original weights.
+
+    Rebuilt from the run's recipe: the model file it was made from (which
+    must be unchanged: same sha256) with its --arch, or the torchvision name
+    with the run's seed (the same random initialisation the run started from).
+    """
+    from cgmq_cli import checkpoint
+
+    source = rundir.read_config(run_dir)["source"]
+    if source["kind"] == "torchvision":
+        torch.manual_seed(settings.seed)
+        model, _ = checkpoint.load_model(source["model"], None, False)
+        return model.eval()
+    path = Path(source["model"])
+    if not path.is_file() or checkpoint.file_sha256(path) != source["sha256"]:
+        raise UsageError(f"--float exports the model the run was made from, {path}, which is missing or changed since",
+                         "restore that file, or drop --float")
+    model, _ = checkpoint.load_model(str(path), source["arch"], trust)
+    return model.eval()
+
+
+def export_original(model: torch.nn.Module, sample_shape: tuple[int, ...], path: Path, opset: int,
+                    metadata: dict) -> onnx_qdq.ExportInfo:
+    """The user's float model as ONNX (dynamic batch when it allows), checked and loaded in onnxruntime first."""
+    import onnx
+
+    proto, dynamic = onnx_qdq._torch_export(model, tuple(sample_shape), opset)
+    if onnx_qdq._opset_of(proto) != opset:
+        proto = onnx_qdq._convert_down(proto, opset)
+    onnx_qdq._finalize(proto, opset, {"cgmq.kind": "float-original", "cgmq.opset": str(opset),
+                                      **{f"cgmq.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}})
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several kinds
+        raise ExportError(f"the float model fails onnx.checker: {str(exc).strip().splitlines()[0][:300]}",
+                          "drop --float") from None
+    onnx_qdq._write(proto, Path(path), lambda tmp: verify.load_session(tmp))
+    return onnx_qdq.ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=(),
+                               dynamic_batch=dynamic, metadata={p.key: p.value for p in proto.metadata_props})
+
+
 def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None, benchmark: bool, trust: bool,
             notify: Callable[[str], None] | None, options: ExportOptions) -> ExportResult:
     run = load_run(run_dir, trust, notify)
@@ -174,6 +218,7 @@ def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None,
     if qm.cost().bops != run.report["cost"]["bops"]:
         raise CheckFailedError(f"the rebuilt model costs {qm.cost().bops:,} BOPs but report.json says "
                                f"{run.report['cost']['bops']:,}", "the run directory was modified; compress again")
+    original = original_model(run_dir, run.settings, trust) if float_path is not None else None  # before writing
     inputs, source = _parity_inputs(run.settings, qm)
     metadata = {"budget": run.report["budget"], "run": run.report["run"], "profile": run.profile.name}
     with _writing(onnx_path):
@@ -185,7 +230,7 @@ def _export(run_dir: Path, onnx_path: Path, opset: int, float_path: Path | None,
     float_info = None
     if float_path is not None:
         with _writing(float_path):
-            float_info = onnx_qdq.export_float(qm, float_path, opset)
+            float_info = export_original(original, qm.sample_shape, float_path, opset, metadata)
     latency = {}
     if benchmark:
         example = torch.zeros((1, *qm.sample_shape), dtype=qm.sample_dtype)

@@ -36,11 +36,17 @@ class CgmqError(Exception):
     """An error the user can act on: one line of message, an optional hint."""
 
     exit_code = EXIT_BAD_INPUT
+    result: dict | None = None  # what the command found (check, verify): printed with the error under --json
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def with_result(self, result: dict) -> "CgmqError":
+        """Attach the command's result, so that ``--json`` prints it together with the error."""
+        self.result = result
+        return self
 
     def __str__(self) -> str:
         return self.message

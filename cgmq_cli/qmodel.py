@@ -161,7 +161,7 @@ def prepare(
     """Trace, fold BN, insert quantizers and measure MACs for one example of ``sample_shape``."""
     leaves = list(leaves)
     gm = trace.trace(model.eval(), leaves, torch.zeros((2, *sample_shape), dtype=input_dtype))
-    gm = passes.fold_batchnorm(gm)
+    gm = passes.fold_aten_batchnorm(passes.fold_batchnorm(gm))  # BN modules, and aten BN of a .pt2
     gm = passes.functionalize(gm)
     example = torch.zeros((1, *sample_shape), dtype=input_dtype)
     _run_checked(lambda: ShapeProp(gm).propagate(example), example)

@@ -1,10 +1,12 @@
-"""report.json -> Rich table, Markdown, CSV, JSON and a PNG figure.
+"""report.json -> terminal tables (render.Grid), Markdown, CSV, JSON and a PNG figure.
 
 Works on the plain report dictionaries that ``cgmq compress`` writes, so it
-renders any finished run without rebuilding its model. Nothing imports this
-module except the CLI (and render, for the coverage line). Every renderer first escapes the report's strings
-(:func:`cgmq_cli.sanitize.clean_tree`): a layer or profile name cannot carry
-terminal escapes or bidi marks into a table, a CSV file or a pull request.
+renders any finished run without rebuilding its model (and, with ``tensors``,
+why each width is what it is), and a sweep's table. Nothing imports this
+module except the CLI and the sweep, which writes its tables with it. Every
+renderer first escapes the report's strings (:func:`cgmq_cli.sanitize.clean_tree`):
+a layer or profile name cannot carry terminal escapes or bidi marks into a
+table, a CSV file or a pull request.
 """
 
 from __future__ import annotations
@@ -12,15 +14,41 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Sequence
-
-from rich.console import Group
-from rich.table import Table
+from typing import Any, Sequence
 
 from cgmq_cli.errors import UsageError
+from cgmq_cli.render import Grid, coverage_line
 from cgmq_cli.sanitize import clean_tree
 
 LAYER_COLUMNS = ("layer", "op", "MACs", "params", "bits w/a", "BOPs", "share", "weight bytes")
+PLOT_HINT = "pip install matplotlib (from a cgmq checkout: pip install -e '.[plot]')"
+WIDE_WEIGHTS_SHARE = 0.5  # the weight bytes' share of weights wider than 8 bits above which the report says so
+
+
+def wide_weights(report: dict) -> tuple[float, float] | None:
+    """(share of the weight bytes in weights wider than 8 bits, weight bytes with every weight at most 8 bits).
+
+    None when the run had a weight-bytes budget or reports no weight bytes.
+    Layer weight bytes include their float32 biases; parameters outside the
+    quantized layers count in the total only.
+    """
+    total = report["cost"].get("weight_bytes") or 0
+    if report["budget"].get("weight_bytes") is not None or total <= 0:
+        return None
+    wide = sum(l["weight_bytes"] for l in report["layers"] if l["bits_w"] > 8)
+    narrowed = total - sum(l["params"] * (l["bits_w"] - min(l["bits_w"], 8)) / 8 for l in report["layers"])
+    return wide / total, narrowed
+
+
+def notes(report: dict) -> list[str]:
+    """One-line remarks on a run that its numbers alone do not show."""
+    out = []
+    wide = wide_weights(report)
+    if wide is not None and wide[0] > WIDE_WEIGHTS_SHARE:
+        out.append(f"note: weights wider than 8 bits hold {100 * wide[0]:.0f}% of the weight bytes and no budget "
+                   f"bounds memory; add e.g. --budget-weight-bytes {wide[1]:.0f} (these widths with every weight at "
+                   "8 bits or fewer)")
+    return out
 
 
 def _layer_rows(report: dict) -> list[tuple[str, ...]]:
@@ -40,16 +68,6 @@ def budget_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def coverage_line(coverage: float, float_ops: list[dict]) -> str:
-    """One line on how much of the model's compute is quantized, and what is left in float and why."""
-    if not float_ops:
-        return f"coverage: {coverage:.1f}% of the MACs are in quantized layers (nothing is left in float)"
-    reasons = "; ".join(f"{op['what']}: {op['reason']}" for op in float_ops[:3])
-    more = f"; and {len(float_ops) - 3} more" if len(float_ops) > 3 else ""
-    return (f"coverage: {coverage:.1f}% of the MACs are in quantized layers; left in float (counted at 32x32 "
-            f"bits): {reasons}{more}")
-
-
 def report_coverage_line(report: dict) -> str:
     c = report["cost"]
     return coverage_line(c.get("coverage", 100.0), report.get("float_ops", []))
@@ -61,21 +79,16 @@ def _settings_line(report: dict) -> str:
             f"{report['epochs']} epochs, {report['seconds']:.1f} s")
 
 
-def rich_report(report: dict) -> Group:
+def blocks(report: dict) -> list:
+    """One run for the terminal: the layer table, the budget table and summary lines (see render.show)."""
     report = clean_tree(report)
-    layers = Table(title=f"run {report['run']}", title_justify="left")
-    for col in LAYER_COLUMNS:
-        layers.add_column(col, justify="left" if col in ("layer", "op", "bits w/a") else "right")
-    for row in _layer_rows(report):
-        layers.add_row(*row)
     c = report["cost"]
-    layers.add_row("total", "", f"{c['macs']:,}", f"{sum(l['params'] for l in report['layers']):,}", "",
-                   f"{c['bops']:,}", "100.0%", f"{c['weight_bytes']:,.0f}")
-    budgets = Table(title="budgets", title_justify="left")
-    for col in ("budget", "limit", "used", "margin"):
-        budgets.add_column(col, justify="left" if col == "budget" else "right")
-    for row in budget_rows(report):
-        budgets.add_row(*row)
+    rows = _layer_rows(report) + [("total", "", f"{c['macs']:,}", f"{sum(l['params'] for l in report['layers']):,}", "",
+                                   f"{c['bops']:,}", "100.0%", f"{c['weight_bytes']:,.0f}")]
+    layers = Grid(f"run {report['run']}", LAYER_COLUMNS, tuple(rows),
+                  frozenset(col for col in LAYER_COLUMNS if col not in ("layer", "op", "bits w/a")))
+    budgets = Grid("budgets", ("budget", "limit", "used", "margin"), tuple(budget_rows(report)),
+                   frozenset(("limit", "used", "margin")))
     acc = report["accuracy"]
     lines = [f"relative BOPs {c['rel_bops']:.3f}% of 32x32 (of all the model's MACs) | within budget: "
              f"{'yes' if report['feasible'] else 'NO'}",
@@ -83,7 +96,7 @@ def rich_report(report: dict) -> Group:
              f"accuracy: float {acc['float']:.2f}% | quantized {acc['quantized']:.2f}% | "
              f"drop {acc['float'] - acc['quantized']:+.2f} points",
              _settings_line(report)]
-    return Group(layers, budgets, *lines)
+    return [layers, budgets, *lines, *notes(report)]
 
 
 def markdown(report: dict) -> str:
@@ -99,6 +112,7 @@ def markdown(report: dict) -> str:
     out += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|---|---|---:|---:|---|---:|---:|---:|"]
     out += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in _layer_rows(report)]
     out += ["", _settings_line(report)]
+    out += [f"\n> {note}" for note in notes(report)]
     return "\n".join(out) + "\n"
 
 
@@ -143,33 +157,264 @@ def comparison_markdown(reports: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def comparison_table(reports: Sequence[dict]) -> Table:
+def comparison_table(reports: Sequence[dict]) -> Grid:
     header, rows = comparison_rows(reports)
-    table = Table(title="runs side by side", title_justify="left")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return Grid("runs side by side", tuple(header), tuple(tuple(r) for r in rows), frozenset(header[1:]))
 
 
-def plot(reports: Sequence[dict], path: Path) -> None:
-    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run.
+# ------------------------------------------------------------------------- why these bits ---
 
-    An existing file is replaced only when it is a PNG image (never report.json or another file of yours).
-    """
+EXPLAIN_COLUMNS = ("tensor", "width", "allowed", "dloss up", "cost up", "dloss down", "cost down", "bound by", "layers")
+EXPLAIN_INTRO = ("a step up doubles a width, a step down halves it; dloss is the loss change the probes predict "
+                 "(first order, averaged over batches); cost is the change of each budgeted metric")
+
+
+def explained(report: dict, where: str = "the run") -> list[dict]:
+    """report.json's ``tensors`` (one entry per quantizer), checked; a report without them is one error line."""
+    tensors = report.get("tensors")
+    if tensors is None:
+        raise UsageError(f"{where} has no per-tensor explanation: its report.json was written by a cgmq without "
+                         "`tensors`", "compress the model again to get `cgmq report --explain`")
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    def deltas(v: Any) -> bool:
+        return v is None or (isinstance(v, dict) and all(isinstance(k, str) and number(x) for k, x in v.items()))
+
+    ok = isinstance(tensors, list)
+    for t in tensors if ok else ():
+        ok = ok and isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("label"), str) \
+            and t.get("kind") in ("weight", "act") and isinstance(t.get("width"), int) \
+            and isinstance(t.get("allowed"), list) and all(isinstance(b, int) for b in t["allowed"]) \
+            and isinstance(t.get("gated"), bool) and number(t.get("predicted_dloss_up")) \
+            and number(t.get("predicted_dloss_down")) and deltas(t.get("cost_up")) and deltas(t.get("cost_down")) \
+            and isinstance(t.get("bound_by", []), list) and isinstance(t.get("layers", []), list)
+    if not ok:
+        raise UsageError(f"{where}'s report.json has a malformed `tensors` list; the run directory was damaged or edited",
+                         "compress again")
+    return clean_tree(tensors)
+
+
+def _dloss(value: float | None, end: str) -> str:
+    return end if value is None else f"{value:+.3g}"
+
+
+def _cost_step(deltas: dict | None, end: str) -> str:
+    if deltas is None:
+        return end
+    return ", ".join(f"{k} {v:+,.4g}" for k, v in deltas.items()) or "-"
+
+
+def _layer_names(layers: list) -> str:
+    return ", ".join(str(l.get("name", l)) if isinstance(l, dict) else str(l) for l in layers) or "-"
+
+
+def _bound(t: dict) -> str:
+    if not t["gated"]:
+        return "fixed (no gate)"
+    if t.get("predicted_dloss_up") is None and t.get("cost_up") is None:
+        return "top width"
+    return ", ".join(t.get("bound_by") or []) or "-"
+
+
+def explain_rows(tensors: list[dict]) -> list[tuple[str, ...]]:
+    """One row per tensor: width, allowed widths, one step up and down (predicted dloss, cost), bound, layers."""
+    rows = []
+    for t in tensors:
+        steps = (("-",) * 4 if not t["gated"] else
+                 (_dloss(t.get("predicted_dloss_up"), "top"), _cost_step(t.get("cost_up"), "top"),
+                  _dloss(t.get("predicted_dloss_down"), "bottom"), _cost_step(t.get("cost_down"), "bottom")))
+        rows.append((t["label"], str(t["width"]), ",".join(map(str, t["allowed"])), *steps, _bound(t),
+                     _layer_names(t.get("layers") or [])))
+    return rows
+
+
+def explain_summary(tensors: list[dict]) -> str:
+    gated = [t for t in tensors if t["gated"]]
+    bound = [t for t in gated if t.get("bound_by")]
+    top = [t for t in gated if t.get("predicted_dloss_up") is None and t.get("cost_up") is None]
+    keys = sorted({k for t in bound for k in t["bound_by"]})
+    return (f"{len(tensors)} tensors ({len(gated)} gated): {len(top)} at their widest width, {len(bound)} could not "
+            f"widen without breaking a budget" + (f" ({', '.join(keys)})" if keys else ""))
+
+
+def explain_table(report: dict, where: str = "the run") -> list:
+    tensors = explained(report, where)
+    grid = Grid(f"why these bits: run {clean_tree(report['run'])}", EXPLAIN_COLUMNS, tuple(explain_rows(tensors)),
+                frozenset(("width", "dloss up", "dloss down")))
+    return [grid, explain_summary(tensors), EXPLAIN_INTRO]
+
+
+def explain_markdown(report: dict, where: str = "the run") -> str:
+    tensors = explained(report, where)
+    out = [f"### why these bits: cgmq run `{clean_tree(report['run'])}`", "",
+           "| " + " | ".join(EXPLAIN_COLUMNS) + " |", "|---|---:|---|---:|---|---:|---|---|---|"]
+    out += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |"
+            for r in explain_rows(tensors)]
+    out += ["", explain_summary(tensors) + "; " + EXPLAIN_INTRO]
+    return "\n".join(out) + "\n"
+
+
+def explain_csv(report: dict, where: str = "the run") -> str:
+    tensors = explained(report, where)
+    keys = sorted({k for t in tensors for d in (t.get("cost_up"), t.get("cost_down")) if d for k in d})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["key", "label", "kind", "width", "allowed", "gated", "predicted_dloss_up", "predicted_dloss_down",
+                     *[f"cost_up_{k}" for k in keys], *[f"cost_down_{k}" for k in keys], "bound_by", "layers"])
+    for t in tensors:
+        up, down = t.get("cost_up") or {}, t.get("cost_down") or {}
+        writer.writerow([t["key"], t["label"], t["kind"], t["width"], " ".join(map(str, t["allowed"])), t["gated"],
+                         t.get("predicted_dloss_up"), t.get("predicted_dloss_down"),
+                         *[up.get(k) for k in keys], *[down.get(k) for k in keys],
+                         " ".join(t.get("bound_by") or []), _layer_names(t.get("layers") or [])])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------- sweeps ---
+
+SWEEP_COLUMNS = ("run", "budget", "BOPs", "rel BOPs", "weight bytes", "accuracy", "drop", "within budget", "Pareto")
+
+
+def _budget_text(point: dict, key: str) -> str:
+    return ", ".join(f"{k}={v:,.6g}" for k, v in point["budget"].items() if v is not None and k == key) or \
+        f"{key}={point['value']:,.6g}"
+
+
+def sweep_rows(table: dict) -> list[tuple[str, ...]]:
+    table = clean_tree(table)
+    key = table["key"]
+    rows = []
+    for p in table["points"]:
+        c, acc = p["cost"], p["accuracy"]
+        row = (p["run"], _budget_text(p, key), f"{c['bops']:,}", f"{c['rel_bops']:.3f}%", f"{c['weight_bytes']:,.0f}",
+               f"{acc['quantized']:.2f}%", f"{acc['float'] - acc['quantized']:+.2f}", "yes" if p.get("feasible") else "NO",
+               "*" if p.get("pareto") else "")
+        if table.get("target"):
+            row += ("yes" if p.get("meets_drop") else "no",)
+        rows.append(row)
+    return rows
+
+
+def _sweep_columns(table: dict) -> tuple[str, ...]:
+    return SWEEP_COLUMNS + (("meets drop",) if table.get("target") else ())
+
+
+def sweep_lines(table: dict) -> list[str]:
+    """The sweep's settings and, in the target mode, its answer."""
+    table = clean_tree(table)
+    fixed = ", ".join(f"{k}={v:,.6g}" for k, v in (table.get("fixed_budget") or {}).items())
+    acc = table.get("float_accuracy")
+    lines = [f"model {table['model']}, profile {table['profile']}, data {table['data']}; float accuracy "
+             + (f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-")
+             + f"; {table['runs']} runs, {table.get('seconds', 0):.1f} s" + (f"; every point also within {fixed}" if fixed else "")]
+    target = table.get("target")
+    if target:
+        if target.get("chosen") is not None:
+            lines.append(f"smallest budget with an accuracy drop of at most {target['max_accuracy_drop']:g} points: "
+                         f"{table['key']}={target['chosen']:g} (run {target['chosen_run']})")
+        else:
+            lines.append(f"no budget up to {table['key']}={target['high']:g} kept the accuracy drop within "
+                         f"{target['max_accuracy_drop']:g} points")
+    if not table.get("complete", True):
+        lines.append("the sweep did not finish: the table holds the points done so far")
+    return lines
+
+
+def sweep_table(table: dict) -> list:
+    cols = _sweep_columns(table)
+    grid = Grid(f"sweep {clean_tree(table['sweep'])} over {table['key']} (* = on the Pareto front)", cols,
+                tuple(sweep_rows(table)), frozenset(c for c in cols if c not in ("run", "budget")))
+    return [grid, *sweep_lines(table)]
+
+
+def sweep_markdown(table: dict) -> str:
+    cols = _sweep_columns(table)
+    out = [f"### cgmq sweep `{clean_tree(table['sweep'])}` over {table['key']}", "",
+           "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+    out += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in sweep_rows(table)]
+    out += ["", *sweep_lines(table), "", "`*`: on the Pareto front (no other point is cheaper and at least as accurate)"]
+    return "\n".join(out) + "\n"
+
+
+def sweep_csv(table: dict) -> str:
+    table = clean_tree(table)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run", "budget_key", "budget_value", "bops", "rel_bops", "weight_bytes", "cost", "accuracy_float",
+                     "accuracy_quantized", "drop", "within_budget", "pareto", "meets_drop"])
+    for p in table["points"]:
+        c, acc = p["cost"], p["accuracy"]
+        writer.writerow([p["run"], table["key"], p["value"], c["bops"], c["rel_bops"], c["weight_bytes"], c.get("cost"),
+                         acc["float"], acc["quantized"], acc["float"] - acc["quantized"], p.get("feasible"),
+                         p.get("pareto"), p.get("meets_drop")])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------- plots ---
+
+
+def _pyplot(path: Path, flag: str = "--plot"):
+    """matplotlib's pyplot (Agg), after refusing a target that is not a PNG image (never report.json or your file)."""
     if path.is_symlink() or path.is_dir() or (path.exists() and path.open("rb").read(8) != b"\x89PNG\r\n\x1a\n"):
-        raise UsageError(f"--plot {path} exists and is not a PNG image; refusing to replace it", "choose another path")
+        raise UsageError(f"{flag} {path} exists and is not a PNG image; refusing to replace it", "choose another path")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib, which is not installed",
-                         "pip install 'cgmq[plot]' (or pip install matplotlib)") from None
-    fig, axes = plt.subplots(2, len(reports), figsize=(max(6, 0.5 * len(reports[0]["layers"]) + 3) * len(reports), 7),
-                             squeeze=False, sharex="col")
+        raise UsageError(f"{flag} needs matplotlib, which is not installed", PLOT_HINT) from None
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _explain_panel(ax, report: dict) -> None:
+    """Why these bits: per tensor the predicted loss change of one step down (cost saved) and up (cost added)."""
+    tensors = explained(report)
+    x = range(len(tensors))
+    down = [t.get("predicted_dloss_down") or 0.0 for t in tensors]
+    up = [-(t.get("predicted_dloss_up") or 0.0) for t in tensors]
+    ax.bar([i - 0.2 for i in x], down, width=0.4, color="tab:red", label="loss increase of a step down")
+    bars = ax.bar([i + 0.2 for i in x], up, width=0.4, color="tab:green", label="loss decrease of a step up")
+    for bar, t in zip(bars, tensors):
+        if t.get("bound_by"):
+            bar.set_hatch("//")
+            bar.set_edgecolor("black")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("predicted loss change")
+    ax.set_title("why these bits (hatched: a step up would break a budget)", fontsize=9)
+    ax.set_xticks(list(x), labels=[f"{t['label']} ({t['width']}b)" for t in tensors], rotation=60, ha="right",
+                  fontsize=7)
+    ax.legend(fontsize=7, frameon=False)
+
+
+def plot(reports: Sequence[dict], path: Path) -> None:
+    """Bits per layer (weights and activations) and each layer's share of BOPs, one panel pair per run.
+
+    Runs whose report.json lists its ``tensors`` get a third panel: the
+    predicted loss change of one step up and down per tensor (why these bits).
+    An existing file is replaced only when it is a PNG image (never report.json or another file of yours).
+    """
+    plt = _pyplot(path)
+    explain = all(r.get("tensors") for r in reports)
+    rows = 3 if explain else 2
+    width = max(6, 0.5 * max(len(reports[0]["layers"]), len(reports[0].get("tensors") or []) if explain else 0) + 3)
+    fig, axes = plt.subplots(rows, len(reports), figsize=(width * len(reports), 7 + 4 * explain), squeeze=False)
     for col, report in enumerate(reports):
         names = [l["name"] for l in report["layers"]]
         x = range(len(names))
@@ -179,6 +424,7 @@ def plot(reports: Sequence[dict], path: Path) -> None:
         top.set_yscale("log", base=2)
         top.set_ylim(1, 48)  # so that a 2-bit bar is visible
         top.set_yticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
+        top.set_xticks(list(x), labels=[])
         top.set_ylabel("bits")
         top.set_title(f"{report['run']}: {report['cost']['rel_bops']:.3f}% rel. BOPs, "
                       f"acc {report['accuracy']['quantized']:.2f}%")
@@ -187,9 +433,36 @@ def plot(reports: Sequence[dict], path: Path) -> None:
         bottom.bar(list(x), [100 * l["bops"] / total for l in report["layers"]], color="tab:gray")
         bottom.set_ylabel("share of BOPs (%)")
         bottom.set_xticks(list(x), labels=names, rotation=60, ha="right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+        if explain:
+            _explain_panel(axes[2][col], report)
+    _save(plt, fig, path)
+
+
+def sweep_plot(table: dict, path: Path, flag: str = "--plot") -> None:
+    """Accuracy against the swept cost, every point labelled by its budget, the Pareto front as a line."""
+    plt = _pyplot(path, flag)
+    key = table["key"]
+    points = sorted(table["points"], key=lambda p: p["cost"][key])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [p["cost"][key] for p in points]
+    ys = [p["accuracy"]["quantized"] for p in points]
+    front = [p for p in points if p.get("pareto")]
+    ax.plot([p["cost"][key] for p in front], [p["accuracy"]["quantized"] for p in front], color="tab:orange",
+            marker="o", markersize=10, linewidth=2, zorder=2, label="Pareto front")
+    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="runs")
+    for i, p in enumerate(points):
+        ax.annotate(f"<= {p['value']:g}", (p["cost"][key], p["accuracy"]["quantized"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, -12 if i % 2 else 6))
+    if isinstance(table.get("float_accuracy"), (int, float)):
+        ax.axhline(table["float_accuracy"], color="gray", linestyle="--", linewidth=1, label="float")
+        target = table.get("target")
+        if target:
+            ax.axhline(table["float_accuracy"] - target["max_accuracy_drop"], color="tab:red", linestyle=":",
+                       linewidth=1, label=f"float - {target['max_accuracy_drop']:g} points")
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 8:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{key} of the run (labels: its budget)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"sweep {table['sweep']}: accuracy against {key}")
+    ax.legend(fontsize=8, frameon=False)
+    _save(plt, fig, path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -37,7 +38,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 
 from cgmq_cli.errors import CgmqError, CheckpointError, UsageError
 from cgmq_cli.sanitize import cut, short
@@ -82,57 +82,61 @@ def _read_regular(path: Path, what: str, limit: int, error: type[CgmqError]) -> 
 # ------------------------------------------------------------------------------------ YAML ---
 
 
-class YamlLimitError(yaml.YAMLError):
-    """A document beyond the size, alias or nesting bounds."""
+@functools.lru_cache(maxsize=None)
+def _bounded_loader() -> type:
+    """SafeLoader with bounded aliases and nesting that refuses duplicate keys (yaml is imported on first use)."""
+    import yaml
 
-    def __init__(self, problem: str, mark: Any) -> None:
-        super().__init__(problem)
-        self.problem, self.problem_mark = problem, mark
+    class YamlLimitError(yaml.YAMLError):
+        """A document beyond the size, alias or nesting bounds."""
 
+        def __init__(self, problem: str, mark: Any) -> None:
+            super().__init__(problem)
+            self.problem, self.problem_mark = problem, mark
 
-class BoundedLoader(yaml.SafeLoader):
-    """SafeLoader with bounded aliases and nesting that refuses duplicate keys."""
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._aliases = 0
+            self._depth = 0
 
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._aliases = 0
-        self._depth = 0
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise YamlLimitError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out",
+                                         self.peek_event().start_mark)
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise YamlLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_YAML_ALIASES:
-                raise YamlLimitError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out",
-                                     self.peek_event().start_mark)
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise YamlLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+    def no_duplicates(loader: BoundedLoader, node: Any, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = None if key_node.tag.endswith(":merge") else loader.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float)):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short(key)}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
 
-
-def _no_duplicates(loader: BoundedLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = None if key_node.tag.endswith(":merge") else loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float)):
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short(key)}", key_node.start_mark)
-            seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+    BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, no_duplicates)
+    return BoundedLoader
 
 
 def parse_yaml(text: str, source: str, error: type[CgmqError] = UsageError) -> Any:
     """Load YAML text within the bounds; every problem is one ``error`` line naming ``source``."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
         raise error(f"{source}: larger than {MAX_YAML_BYTES // 1024} KiB", "a profile or project file is a few lines")
+    import yaml
+
     try:
-        return yaml.load(text, Loader=BoundedLoader)
+        return yaml.load(text, Loader=_bounded_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -29,15 +29,16 @@ import time
 import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
-from cgmq_cli.compress import CompressSettings
 from cgmq_cli.errors import UsageError
-from cgmq_cli.profiles import load_profile
 from cgmq_cli.safe_load import read_yaml
 from cgmq_cli.sanitize import cut, short
-from cgmq_cli.trainer import TrainConfig
+
+if TYPE_CHECKING:  # torch-heavy modules: imported where settings are built, not when the CLI starts
+    from cgmq_cli.compress import CompressSettings
+    from cgmq_cli.trainer import TrainConfig
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
@@ -273,17 +274,26 @@ def _default_out(model: str) -> str:
     return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _train_config(values: dict) -> TrainConfig:
+def _train_config(values: dict) -> "TrainConfig":
+    from cgmq_cli.trainer import TrainConfig
+
     base = TrainConfig()
     return TrainConfig(epochs=values.get("epochs", base.epochs), lr=values.get("lr", base.lr),
                        gate_steps=base.gate_steps if values.get("gate_steps") is None else values["gate_steps"],
                        finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
 
 
-def resolve_compress(flags: dict, budget_flags: dict) -> CompressSettings:
-    """CompressSettings from flags > project file > profile defaults > built-in defaults, all validated."""
+def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True) -> "CompressSettings":
+    """CompressSettings from flags > project file > profile defaults > built-in defaults, all validated.
+
+    ``project_file=False`` ignores cgmq.yaml / [tool.cgmq] (the Python API's default).
+    """
+    from cgmq_cli.compress import CompressSettings
+    from cgmq_cli.profiles import load_profile
+    from cgmq_cli.trainer import TrainConfig
+
     checked_flags = {k: (check_setting(k, v, flag_name(k)) if v is not None else None) for k, v in flags.items()}
-    project, _ = read_project()
+    project, _ = read_project() if project_file else ({}, None)
     values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
     if not values.get("model"):
         raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
@@ -309,13 +319,16 @@ def resolve_compress(flags: dict, budget_flags: dict) -> CompressSettings:
         seed=values["seed"], loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
 
 
-_SETTINGS_FIELDS = tuple(f.name for f in fields(CompressSettings))
-_TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
 
 
-def from_config(d: Any, where: str) -> CompressSettings:
+def from_config(d: Any, where: str) -> "CompressSettings":
     """The settings saved in a run's config.json, checked like flags; trust is never read from the file."""
+    from cgmq_cli.compress import CompressSettings
+    from cgmq_cli.trainer import TrainConfig
+
+    settings_fields = tuple(f.name for f in fields(CompressSettings))
+    train_fields = tuple(f.name for f in fields(TrainConfig))
     if not isinstance(d, dict):
         raise UsageError(f"{where}: settings must be a JSON object", "the run directory was damaged or edited")
 
@@ -338,7 +351,7 @@ def from_config(d: Any, where: str) -> CompressSettings:
             out[key] = check_setting(name, value, f"{where}: {prefix}{key}")
         return out
 
-    values = check(d, _SETTINGS_FIELDS, "settings.")
+    values = check(d, settings_fields, "settings.")
     budget = values.get("budget")
     if not isinstance(budget, dict):
         raise UsageError(f"{where}: settings.budget = {short(budget)}: must be a JSON object")
@@ -349,6 +362,6 @@ def from_config(d: Any, where: str) -> CompressSettings:
         raise UsageError(f"{where}: settings.{exc.message}", "the run directory was edited; compress again") from None
     if not isinstance(values.get("train"), dict):
         raise UsageError(f"{where}: settings.train = {short(values.get('train'))}: must be a JSON object")
-    values["train"] = TrainConfig(**check(values["train"], _TRAIN_FIELDS, "settings.train."))
+    values["train"] = TrainConfig(**check(values["train"], train_fields, "settings.train."))
     values["trust"] = False  # trust comes from the command line of each invocation, never from a file
     return CompressSettings(**values)

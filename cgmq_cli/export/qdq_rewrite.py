@@ -41,7 +41,6 @@ from cgmq_cli import ops
 from cgmq_cli.errors import ExportError
 from cgmq_cli.export.qdq_types import RANGE_KEY, Storage, storage
 from cgmq_cli.quant import functional as QF
-from cgmq_cli.quant.functional import FLOAT_BITS
 
 MARK_DOMAIN = "cgmq"
 MARK_OP = "Mark"

@@ -15,10 +15,12 @@ the graph is left as it was.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -120,6 +122,129 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _aten_batchnorm(node: fx.Node) -> tuple[fx.Node, tuple, float] | None:
+    """(input, (weight, bias, mean, var), eps) of an eval-mode aten batch norm call whose result is used as a tensor."""
+    aten = torch.ops.aten
+    if node.op != "call_function":
+        return None
+    if node.target == aten.batch_norm.default:
+        x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
+        return None if training else (x, (weight, bias, mean, var), float(eps))
+    if node.target == aten._native_batch_norm_legit_no_training.default:
+        x, weight, bias, mean, var, _momentum, eps = node.args[:7]
+        return x, (weight, bias, mean, var), float(eps)
+    return None
+
+
+def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr" and _has_attr(gm, str(node.target)):
+        return ops.base.attr_tensor(gm, str(node.target))
+    return None
+
+
+def fold_aten_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold aten-level ``conv1d/conv2d -> batch_norm`` (a ``.pt2`` program) into the conv's weight and bias.
+
+    ``W' = W * g / sqrt(v + eps)`` per output channel and
+    ``b' = (b - m) * g / sqrt(v + eps) + beta``. Folds only an eval-mode batch
+    norm whose input is a conv call that feeds nothing else, with the conv's
+    weight and bias and the norm's statistics all ``get_attr`` tensors read by
+    this conv alone (a shared weight is left as it is).
+    """
+    aten = torch.ops.aten
+    reads: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            reads[str(node.target)] = reads.get(str(node.target), 0) + len(node.users)
+    for node in list(gm.graph.nodes):
+        found = _aten_batchnorm(node)
+        if found is None:
+            continue
+        conv, stats, eps = found
+        if not (isinstance(conv, fx.Node) and conv.op == "call_function"
+                and conv.target in (aten.conv1d.default, aten.conv2d.default) and len(conv.users) == 1):
+            continue
+        weight_node = conv.args[1]
+        bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        weight, bias = _attr(gm, weight_node), _attr(gm, bias_node)
+        gamma, beta, mean, var = (_attr(gm, n) for n in stats)
+        if weight is None or mean is None or var is None or reads.get(str(weight_node.target)) != 1 \
+                or (bias_node is not None and (bias is None or reads.get(str(bias_node.target)) != 1)) \
+                or any(n is not None and _attr(gm, n) is None for n in stats[:2]):
+            continue
+        getitem = None
+        if node.target == aten._native_batch_norm_legit_no_training.default:
+            users = list(node.users)
+            if not all(u.op == "call_function" and u.target is operator.getitem for u in users) \
+                    or any(u.args[1] != 0 for u in users):
+                continue
+            getitem = users
+        with torch.no_grad():
+            scale = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
+            new_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+            new_bias = ((bias if bias is not None else torch.zeros_like(mean)) - mean) * scale \
+                + (beta if beta is not None else torch.zeros_like(mean))
+        _set_tensor(gm, str(weight_node.target), new_weight)
+        if bias_node is not None:
+            _set_tensor(gm, str(bias_node.target), new_bias)
+        else:
+            target = str(weight_node.target).rpartition(".")[0]
+            target = f"{target}.bias" if target else "bias"
+            while _has_attr(gm, target):
+                target += "_folded"
+            _set_tensor(gm, target, new_bias)
+            with gm.graph.inserting_before(conv):
+                bias_node = gm.graph.get_attr(target)
+            args = list(conv.args) + [None] * (3 - len(conv.args))
+            args[2] = bias_node
+            conv.args = tuple(args)
+            conv.kwargs = {k: v for k, v in conv.kwargs.items() if k != "bias"}
+        for user in getitem or [node]:
+            user.replace_all_uses_with(conv)
+        for user in getitem or []:
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        for stat in stats:
+            if isinstance(stat, fx.Node) and stat.op == "get_attr" and not stat.users:
+                gm.graph.erase_node(stat)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def batchnorms(gm: fx.GraphModule) -> list[str]:
+    """The batch norms left in the graph (not folded): they run in float and are not counted in the cost."""
+    modules = dict(gm.named_modules())
+    left = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            left.append(str(node.target))
+        elif node.op == "call_function" and str(getattr(node.target, "__name__", node.target)).startswith(
+                ("batch_norm", "_native_batch_norm", "native_batch_norm")):
+            left.append(node.name)
+    return left
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    try:
+        ops.base.attr_tensor(root, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace (or add, as a parameter) the parameter or buffer at ``target`` with ``value``."""
+    parent_name, _, attr = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    value = value.detach().clone()
+    if attr in parent._buffers:
+        parent._buffers[attr] = value
+    else:
+        parent._parameters.pop(attr, None)
+        parent.register_parameter(attr, nn.Parameter(value))
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

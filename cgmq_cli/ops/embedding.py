@@ -42,12 +42,11 @@ class Embedding(ComputeOp):
         if node.op != "call_function" or node.target not in self.functions:
             return None
         if node.target is aten.embedding.default:  # aten.embedding(weight, indices)
-            weight, indices = arg(node, 0, "weight"), arg(node, 1, "indices")
+            weight = arg(node, 0, "weight")
         else:
             weight = arg(node, 1, "weight")
             if is_param_attr(gm, weight):
                 positional(node, ("input", "weight"))
-            indices = arg(node, 0, "input")
         if not is_param_attr(gm, weight):
             return None
         return Call(node=node, kind=self, layer=layer_name(weight.target), op=self.name, weight=weight, inputs=(),

@@ -18,7 +18,7 @@ runner = CliRunner()
 
 
 def test_command_list_is_complete() -> None:
-    assert {"inspect", "profiles", "compress", "report", "check", "export", "verify", "demo"} <= set(COMMANDS)
+    assert {"inspect", "profiles", "compress", "sweep", "report", "check", "export", "verify", "demo"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -39,10 +39,14 @@ def test_command_has_readme_section(name: str) -> None:
 
 def test_readme_install_and_test_commands_are_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
-    install = re.search(r"## Install\s+```bash\n(.+?)\n```", README, re.S).group(1).strip()
+    opening = re.search(r"```bash\n(.+?)\n```", README, re.S).group(1)  # the README's first block
+    assert "pip install -e '.[dev]' && python -m pytest" in opening
+    assert "pip install -e '.[dev]'" in ci and re.search(r"^python -m pytest$", ci, re.M)
+    install = re.search(r"## Install\s.*?```bash\n(.+?)\n```", README, re.S).group(1).strip().splitlines()
+    assert install == ["pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu",
+                       "pip install -e '.[dev]'"]  # the CPU-only torch first, for machines without a GPU
     tests = re.search(r"## Tests\s+```bash\n(.+?)\n```", README, re.S).group(1).strip()
-    assert install == "pip install -e '.[dev]'" and "pip install -e '.[dev]'" in ci
-    assert tests == "python -m pytest" and re.search(r"^python -m pytest$", ci, re.M)
+    assert tests == "python -m pytest"
 
 
 def test_readme_documents_every_exit_code_and_report_field() -> None:
