@@ -1,9 +1,11 @@
 """Accuracy at equal budget: CGMQ against uniform QAT, sensitivity-guided MP, a penalty method and ORT int8.
 
-    python benchmarks/suite.py --task fashion-mnist      # Bayesian Bits LeNet-5 on Fashion-MNIST
+    python benchmarks/suite.py --task fashion-mnist      # Bayesian Bits LeNet-5 on all of Fashion-MNIST
     python benchmarks/suite.py --task digits             # quick variant (a few minutes)
 
-Writes benchmarks/results/<name>.json, <name>.md and <name>.png. See benchmarks/README.md.
+Writes benchmarks/results/<name>.json, <name>.md and <name>.png. Every finished run is cached in
+benchmarks/results/<name>-runs/ (an interrupted suite resumes; delete the folder to start again).
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
+from cgmq_cli import compress as cmp  # noqa: E402
 from cgmq_cli import data, models, qmodel  # noqa: E402
 from cgmq_cli.cost import Budget  # noqa: E402
 from cgmq_cli.errors import DataError  # noqa: E402
@@ -31,10 +34,12 @@ from cgmq_cli.trainer import Trainer, TrainConfig, evaluate, train_float  # noqa
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {
-    "fashion-mnist": dict(model=models.LeNet5, float_epochs=5, float_lr=1e-3, batch=128),
-    "digits": dict(model=models.DigitsCNN, float_epochs=15, float_lr=3e-3, batch=32),
+    "fashion-mnist": dict(model=models.LeNet5, arch="cgmq_cli.models:LeNet5", float_epochs=8, float_lr=1e-3, batch=128),
+    "digits": dict(model=models.DigitsCNN, arch="cgmq_cli.models:DigitsCNN", float_epochs=15, float_lr=3e-3, batch=32),
 }
 CE = nn.functional.cross_entropy
+# LSQ QAT of the fixed-width alternatives and the penalty method: Adam 1e-4, constant (the issue's protocol).
+QAT = dict(lr=1e-4, lr_schedule="constant", gate_weights=False, recalibrate=False)
 
 
 def float_checkpoint(task: str, bundle: data.DataBundle, cfg: dict) -> nn.Module:
@@ -61,52 +66,85 @@ def train_and_score(qm, trainer_cls, loaders, budget, config, **attrs) -> dict:
         setattr(trainer, key, value)
     torch.manual_seed(config.seed if hasattr(config, "seed") else 0)
     start = time.time()
-    trainer.run()
+    state = trainer.run()
     seconds = time.time() - start
     cost = qm.cost()
     acc = evaluate(qm.gm, loaders[1], CE, "cpu")["accuracy"]
     return {"rel_bops": cost.rel_bops, "within_budget": budget.is_satisfied_by(cost), "accuracy": acc,
-            "seconds": seconds, "bits": {k: list(v) for k, v in qm.bits().items()}}
+            "seconds": seconds, "epoch_accuracy": [h["accuracy"] for h in state.history],
+            "bits": {k: list(v) for k, v in qm.bits().items()}}
 
 
-def run_cgmq(model, bundle, loaders, budget, epochs, seed) -> dict:
+def run_cgmq(ctx, budget, seed) -> dict:
+    """``cgmq compress`` as a user runs it: every default, the task's batch size and the same checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = cmp.CompressSettings(model=str(ctx["ckpt"]), arch=ctx["arch"], data=ctx["data"], subset=ctx["subset"],
+                                        out=f"{tmp}/run", budget=budget, batch_size=ctx["batch"], seed=seed,
+                                        train=TrainConfig(epochs=ctx["epochs"]))
+        start = time.time()
+        report = cmp.compress(settings).report
+        wall = time.time() - start
+    hist = report["history"]
+    finish = sum(h.get("finish_seconds", 0.0) for h in hist)
+    return {"rel_bops": report["cost"]["rel_bops"], "within_budget": report["feasible"],
+            "accuracy": report["accuracy"]["quantized"], "seconds": wall, "finish_seconds": finish,
+            "finish_share": finish / wall, "epoch_accuracy": [h["accuracy"] for h in hist],
+            "epoch_kinds": [h["epoch_kind"] for h in hist], "runs": 1,
+            "bits": {l["name"]: [l["bits_w"], l["bits_a"]] for l in report["layers"]}}
+
+
+def _fixed(ctx, budget, seed, pick, recipe: dict) -> dict:
+    """LSQ QAT at fixed widths chosen by ``pick(qm)`` (None: nothing fits); timed from preparing to the last epoch."""
+    start = time.time()
     torch.manual_seed(seed)
-    return {**train_and_score(prepared(model, bundle), Trainer, loaders, budget, TrainConfig(epochs=epochs)), "runs": 1}
-
-
-def run_uniform(model, bundle, loaders, budget, epochs, seed) -> dict:
-    torch.manual_seed(seed)
-    qm = prepared(model, bundle)
-    bits = baselines.uniform_bits(qm, budget)
+    qm = prepared(ctx["model"], ctx["bundle"])
+    bits = pick(qm)
     if bits is None:
         return {"rel_bops": None, "within_budget": False, "accuracy": None, "seconds": 0.0, "runs": 0,
                 "note": "no uniform width pair fits"}
     qm.set_widths(bits)
-    return {**train_and_score(qm, Trainer, loaders, budget, TrainConfig(epochs=epochs, rounds=0)), "runs": 1}
+    result = train_and_score(qm, Trainer, ctx["loaders"], budget, TrainConfig(epochs=ctx["epochs"], rounds=0, **recipe))
+    return {**result, "seconds": time.time() - start, "runs": 1}
 
 
-def run_sensitivity(model, bundle, loaders, budget, epochs, seed) -> dict:
-    torch.manual_seed(seed)
-    qm = prepared(model, bundle)
-    batches = [b for b, _ in zip(loaders[0], range(8))]
-    start = time.time()
-    baselines.sensitivity_bits(qm, budget, batches)
-    search = time.time() - start
-    result = train_and_score(qm, Trainer, loaders, budget, TrainConfig(epochs=epochs, rounds=0))
-    return {**result, "seconds": result["seconds"] + search, "runs": 1}
+def run_uniform(ctx, budget, seed, recipe=QAT) -> dict:
+    return _fixed(ctx, budget, seed, lambda qm: baselines.uniform_bits(qm, budget), recipe)
 
 
-def run_penalty(model, bundle, loaders, budget, epochs, seed, max_tries=6) -> dict:
+def run_sensitivity(ctx, budget, seed, recipe=QAT) -> dict:
+    batches = [b for b, _ in zip(ctx["loaders"][0], range(8))]
+    return _fixed(ctx, budget, seed, lambda qm: baselines.sensitivity_bits(qm, budget, batches), recipe)
+
+
+def run_uniform_recipe(ctx, budget, seed) -> dict:
+    """The same, with cgmq's default weight-training recipe (lr and schedule) instead of Adam 1e-4."""
+    return run_uniform(ctx, budget, seed, {})
+
+
+def run_sensitivity_recipe(ctx, budget, seed) -> dict:
+    return run_sensitivity(ctx, budget, seed, {})
+
+
+def run_penalty(ctx, budget, seed, max_tries=6) -> dict:
     """How a user tunes a penalty method: raise mu by 100x until a run lands within budget, then bisect
     log10(mu) between the largest miss and the smallest hit (``max_tries`` runs in all), keeping the
-    within-budget run that uses most of the budget. Returns it with the number of runs needed."""
+    within-budget run that uses most of the budget. Returns it with the number of runs needed.
+
+    A penalty run does not depend on the budget (nothing enforces it), so runs are cached by mu and
+    shared between the budgets' searches; ``runs`` counts the runs one budget's search needs."""
     tried, hits = [], []
     miss = hit = None  # log10 mu of the largest miss / smallest hit so far
     mu = -2.0
     while len(tried) < max_tries:
-        torch.manual_seed(seed)
-        result = train_and_score(prepared(model, bundle), baselines.PenaltyTrainer, loaders, budget,
-                                 TrainConfig(epochs=epochs), mu=10.0 ** mu)
+        def one(mu=mu):
+            torch.manual_seed(seed)
+            start = time.time()
+            result = train_and_score(prepared(ctx["model"], ctx["bundle"]), baselines.PenaltyTrainer, ctx["loaders"],
+                                     budget, TrainConfig(epochs=ctx["epochs"], **QAT), mu=10.0 ** mu)
+            return {**result, "seconds": time.time() - start}
+
+        result = ctx["cache"](f"penalty__mu{mu:+.4f}__s{seed}", one)
+        result = {**result, "within_budget": result["rel_bops"] <= budget.rel_bops}
         tried.append({"mu": 10.0 ** mu, "rel_bops": result["rel_bops"], "accuracy": result["accuracy"]})
         if result["within_budget"]:
             hits.append({**result, "mu": 10.0 ** mu})
@@ -126,7 +164,7 @@ def run_penalty(model, bundle, loaders, budget, epochs, seed, max_tries=6) -> di
     return {**best, "runs": len(tried), "tried": tried}
 
 
-def run_ort_int8(model, bundle, loaders) -> dict:
+def run_ort_int8(model, bundle, loaders) -> dict:  # noqa: D103
     qm = prepared(model, bundle)
     with tempfile.TemporaryDirectory() as tmp:
         f, q = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -191,21 +229,37 @@ def summarize(rows: list[dict]) -> list[dict]:
     return table
 
 
-def markdown(name: str, meta: dict, table: list[dict]) -> str:
-    lines = [f"# {name}", "", f"float accuracy {meta['float_accuracy']:.2f} %, {meta['epochs']} epochs per method, "
-             f"seeds {meta['seeds']}, train examples {meta['train_examples']}, command `{meta['command']}`", "",
+def markdown(name: str, meta: dict, table: list[dict], rows: list[dict]) -> str:
+    lines = [f"# {name}", "", f"Float checkpoint: {meta['float_accuracy']:.2f} % test accuracy ({meta['float_recipe']}). "
+             f"{meta['epochs']} epochs per method from it, seeds {meta['seeds']}, train examples {meta['train_examples']}, "
+             f"torch threads {meta['threads']}, command `{meta['command']}`.", "",
              "| budget (rel. BOPs %) | method | achieved rel. BOPs % | within budget | accuracy % (mean, spread) | "
-             "train s | runs needed |", "|---:|---|---:|---|---:|---:|---:|"]
+             "wall s | runs needed |", "|---:|---|---:|---|---:|---:|---:|"]
     for r in sorted(table, key=lambda r: (r["budget"] if r["budget"] is not None else 99, r["method"])):
         acc = "n/a" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.2f} ± {r['accuracy_spread'] / 2:.2f}"
         rel = "n/a" if r["rel_bops"] is None else f"{r['rel_bops']:.3f}"
         budget = "-" if r["budget"] is None else f"{r['budget']:g}"
         lines.append(f"| {budget} | {r['method']} | {rel} | {'yes' if r['within_budget'] else 'NO'} | {acc} | "
                      f"{r['seconds']:.0f} | {r['runs_needed']} |")
-    mc = meta["method_cost"]
-    lines += ["", f"Training step, quantized (all 4-bit) / float, same run: {mc['train_step_ratio_quant_over_float']:.2f}x. "
-              f"onnxruntime latency (batch 1, median of 200): QDQ {mc['ort_latency_ms']['qdq_all_4bit']:.3f} ms vs float "
-              f"{mc['ort_latency_ms']['float']:.3f} ms ({mc['ort_latency_ms']['ratio']:.2f}x)."]
+    cg = [r for r in rows if r["method"] == "cgmq"]
+    if cg:
+        lines += ["", "cgmq per run: accuracy after each epoch (g = gate, w = weight), compress wall time, the finish's "
+                  "share of it, and the ratio to the uniform QAT run of the same budget and seed (run next to it in "
+                  "the same process):", "",
+                  "| budget | seed | accuracy after each epoch | compress s | finish s (share) | / uniform QAT |",
+                  "|---:|---:|---|---:|---:|---:|"]
+        uni = {(r["budget"], r["seed"]): r for r in rows if r["method"] == "uniform"}
+        for r in cg:
+            kinds = "".join(k[0] for k in r["epoch_kinds"])
+            u = uni.get((r["budget"], r["seed"]))
+            ratio = f"{r['seconds'] / u['seconds']:.2f}x" if u and u.get("seconds") else "n/a"
+            lines.append(f"| {r['budget']:g} | {r['seed']} | {kinds}: {', '.join(f'{a:.2f}' for a in r['epoch_accuracy'])} | "
+                         f"{r['seconds']:.0f} | {r['finish_seconds']:.1f} ({100 * r['finish_share']:.1f} %) | {ratio} |")
+    mc = meta.get("method_cost")
+    if mc:
+        lines += ["", f"Training step, quantized (all 4-bit) / float, same run: {mc['train_step_ratio_quant_over_float']:.2f}x. "
+                  f"onnxruntime latency (batch 1, median of 200): QDQ {mc['ort_latency_ms']['qdq_all_4bit']:.3f} ms vs float "
+                  f"{mc['ort_latency_ms']['float']:.3f} ms ({mc['ort_latency_ms']['ratio']:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -242,40 +296,62 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--subset", type=int, default=None, help="train on a fixed subset of N examples")
     parser.add_argument("--methods", default="cgmq,uniform,sensitivity,penalty,ort-int8")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
+    parser.add_argument("--no-method-cost", action="store_true", help="skip the step-time / latency measurement")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = TASKS[args.task]
+    spec = args.data or args.task
     try:
-        bundle = data.load_data(args.data or args.task, args.subset, 0)
+        bundle = data.load_data(spec, args.subset, 0)
     except DataError as exc:
         sys.exit(f"error: {exc.message}\nhint: {exc.hint or ''} (Debian: apt-get update && apt-get install -y dataset-fashion-mnist)")
-    full = data.load_data(args.data or args.task, None, 0)
+    full = data.load_data(spec, None, 0)
     model = float_checkpoint(args.task, full, cfg)
     loaders = data.make_loaders(bundle, cfg["batch"], 0, 0)
     float_acc = evaluate(model, loaders[1], CE, "cpu")["accuracy"]
     print(f"float accuracy {float_acc:.2f}%", flush=True)
+    name = args.name or f"{args.task}" + (f"-subset{args.subset}" if args.subset else "")
+    runs_dir = RESULTS / f"{name}-runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def cache(key: str, fn):
+        path = runs_dir / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        result = fn()
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
     methods = args.methods.split(",")
     rows = []
-    runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty}
+    runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
+               "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
+            ctx = {"model": model, "bundle": bundle, "loaders": seed_loaders, "epochs": args.epochs, "cache": cache,
+                   "ckpt": RESULTS / f"{args.task}-float-seed0.pt", "arch": cfg["arch"], "data": spec,
+                   "subset": args.subset, "batch": cfg["batch"]}
             for method in [m for m in methods if m in runners]:
-                result = runners[method](model, bundle, seed_loaders, Budget(rel_bops=budget_pct), args.epochs, seed)
+                budget = Budget(rel_bops=budget_pct)
+                run = lambda: runners[method](ctx, budget, seed)  # noqa: E731
+                result = run() if method == "penalty" else cache(f"{method}__{budget_pct:g}__s{seed}", run)
                 rows.append({"method": method, "budget": budget_pct, "seed": seed, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "tried")}), flush=True)
     if "ort-int8" in methods:
-        rows.append({"method": "onnxruntime int8 PTQ", "budget": None, "seed": 0, **run_ort_int8(model, bundle, loaders)})
+        rows.append({"method": "onnxruntime int8 PTQ", "budget": None, "seed": 0,
+                     **cache("ort-int8", lambda: run_ort_int8(model, bundle, loaders))})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"task": args.task, "float_accuracy": float_acc, "epochs": args.epochs, "seeds": args.seeds,
-            "train_examples": len(bundle.train), "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
-            "torch": torch.__version__, "method_cost": method_cost(model, bundle, loaders)}
-    name = args.name or f"{args.task}" + (f"-subset{args.subset}" if args.subset else "")
+    recipe = f"{cfg['float_epochs']} epochs of Adam {cfg['float_lr']:g}, batch {cfg['batch']}, seed 0"
+    meta = {"task": args.task, "float_accuracy": float_acc, "float_recipe": recipe, "epochs": args.epochs,
+            "seeds": args.seeds, "threads": args.threads, "train_examples": len(bundle.train),
+            "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]), "torch": torch.__version__,
+            "method_cost": None if args.no_method_cost else cache("method-cost", lambda: method_cost(model, bundle, loaders))}
     table = summarize(rows)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": rows}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(name, meta, table))
+    (RESULTS / f"{name}.md").write_text(markdown(name, meta, table, rows))
     plot(table, RESULTS / f"{name}.png", float_acc)
     print((RESULTS / f"{name}.md").read_text())
 

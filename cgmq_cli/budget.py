@@ -50,9 +50,9 @@ class Budget:
     def __init__(self, **limits: Any) -> None:
         unknown = [k for k in limits if k not in METRICS]
         if unknown:
-            raise UsageError(f"unknown budget `{unknown[0]}`", f"budgets: {', '.join(KEYS)}")
+            raise UsageError(f"unknown budget `{unknown[0]}`", f"budgets: {', '.join(METRICS)}")
         checked = {k: _positive(k, v) for k, v in limits.items() if v is not None}
-        object.__setattr__(self, "_limits", {k: checked[k] for k in KEYS if k in checked})
+        object.__setattr__(self, "_limits", {k: checked[k] for k in METRICS if k in checked})
 
     def __getattr__(self, key: str) -> float | None:
         if key in METRICS:
@@ -89,7 +89,7 @@ class Budget:
         return not self.violations(summary)
 
     def as_dict(self) -> dict:
-        return {k: self._limits.get(k) for k in KEYS}
+        return {k: self._limits.get(k) for k in METRICS}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Budget":

@@ -7,23 +7,16 @@ Gate step (CGGD's rule with both terms normalised; ``G = dL/dg``, ``d_k = dC_k/d
 
 ``x^ = x / ||x||`` (zero for a zero vector). ``eta`` is a step in log2-width
 units, ``R > 1`` makes the cost term outweigh the loss term while a budget is
-violated. Finish after a gate epoch (discrete, deterministic, terminates):
-
-* repair: while a budget is violated, halve the width whose predicted loss
-  increase per unit of (normalised) cost saved is smallest;
-* fill: while a tensor can double its width within every budget, double the
-  one with the largest predicted loss decrease per unit of cost added.
-
-The predictions are the first-order probes ``<dL/dQ, Q_down - Q_b>`` and
-``<dL/dQ, Q_up - Q_b>`` that the quantizers deliver in probe mode. This module
-knows no files, YAML, Rich or ONNX.
+violated. The discrete finish that makes every gate epoch end within budget
+lives in :mod:`cgmq_cli.finish`; both use :class:`CostModel`, which reads every
+formula and gradient from :mod:`cgmq_cli.metrics`. This module knows no files,
+YAML, Rich or ONNX.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -80,31 +73,56 @@ class CostModel:
             for side, key in enumerate((s.weight_key, s.act_key)):
                 if key is not None:
                     self.uses.setdefault(key, []).append((s, side))
+        self._memo: dict[tuple, _Values] = {}
 
     def summary(self, widths: Widths) -> CostSummary:
         return summarize(self.shapes, widths, self.mac_cost, self.extras)
 
+    def values(self, widths: Widths) -> "_Values":
+        """Every metric's total at ``widths`` (metric key -> value), memoised: the finish scores many candidates."""
+        key = tuple(sorted(widths.items()))
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            values = self.summary(widths).as_dict()
+            found = self._memo[key] = _Values({k: values[k] for k in metrics.METRICS})
+        return found
+
     def violated(self, widths: Widths) -> dict[str, float]:
-        return self.budget.violations(self.summary(widths))
+        return self.budget.violations(self.values(widths))
 
     def gradient(self, name: str, tensors: list[Tensor], widths: Widths) -> torch.Tensor:
         """dC/dg of one budget's metric for every tensor: summed over the layer calls its width enters."""
         metric = metrics.METRICS[name]
         out = []
         for t in tensors:
-            up, down = t.quantizer.neighbour(+1), t.quantizer.neighbour(-1)
+            allowed, here = t.quantizer.allowed, widths[t.key]
+            up, down = [w for w in allowed if w > here], [w for w in reversed(allowed) if w < here]
             out.append(sum(metric.gradient(s.row(widths), side, self.ctx, up, down) for s, side in self.uses.get(t.key, ())))
         return torch.tensor(out, dtype=torch.float64)
 
+    def saving(self, before: Widths, after: Widths, keys: Iterable[str]) -> float:
+        """Cost saved by going from ``before`` to ``after`` in the budgets ``keys``, as fractions of their limits."""
+        a, b, limits = self.values(before), self.values(after), self.budget.limits()
+        return sum((a[k] - b[k]) / limits[k] for k in keys)
+
     def load(self, widths: Widths) -> float:
         """The largest budget use as a fraction of its limit (> 1 means violated)."""
-        values = self.summary(widths).as_dict()
+        values = self.values(widths)
         return max((values[n] / lim for n, lim in self.budget.limits().items()), default=0.0)
 
     def share(self, before: Widths, after: Widths) -> float:
         """Cost change between two assignments, summed over budgets as fractions of each limit."""
-        a, b = self.summary(before).as_dict(), self.summary(after).as_dict()
+        a, b = self.values(before), self.values(after)
         return sum(abs(b[n] - a[n]) / lim for n, lim in self.budget.limits().items())
+
+
+class _Values(dict):
+    """Metric totals in the shape :meth:`Budget.violations` compares (``as_dict``)."""
+
+    def as_dict(self) -> dict:
+        return self
 
 
 def gate_step(tensors: list[Tensor], costs: CostModel, bits: Widths, eta: float, r: float,
@@ -118,88 +136,13 @@ def gate_step(tensors: list[Tensor], costs: CostModel, bits: Widths, eta: float,
     grads = torch.tensor(list(loss_grads), dtype=torch.float64)
     violated = costs.violated(bits)
     cost_grads = [costs.gradient(name, tensors, bits) for name in violated]
-    _descend(tensors, direction(grads, cost_grads, r), eta)
+    descend(tensors, direction(grads, cost_grads, r), eta)
     return violated
 
 
-def _descend(tensors: list[Tensor], step: torch.Tensor, eta: float) -> None:
+def descend(tensors: list[Tensor], step: torch.Tensor, eta: float) -> None:
     """g <- g - eta * step for every free gate, kept inside its allowed range."""
     with torch.no_grad():
         for t, s in zip(tensors, step.tolist()):
             t.quantizer.gate.sub_(eta * s)
             t.quantizer.clamp_gate()
-
-
-Probe = Mapping[GatedQuantizer, tuple[float, float]]  # quantizer -> (dL if doubled, dL if halved)
-
-
-@dataclass(frozen=True)
-class Move:
-    tensor: str  # quantizer key
-    label: str  # what it quantizes
-    old: int
-    new: int
-    predicted_dloss: float
-
-
-def repair(tensors: list[Tensor], costs: CostModel, bits: Widths, probe: Callable[[], Probe]) -> tuple[Widths, list[Move]]:
-    """Halve widths until every budget holds, cheapest predicted loss per cost saved first."""
-    moves: list[Move] = []
-    while costs.violated(bits):
-        estimates = probe()
-        best = None
-        for t in tensors:
-            down = t.quantizer.neighbour(-1)
-            if down is None:
-                continue
-            after = _moved(bits, t, down)
-            saved = costs.share(bits, after)
-            if saved <= 0:
-                continue
-            score = estimates[t.quantizer][1] / saved
-            if best is None or score < best[0]:
-                best = (score, t, down, after)
-        if best is None:  # every tensor at its minimum: feasible by the pre-check, so unreachable
-            raise RuntimeError("repair found no width to lower although a budget is violated")
-        _, t, down, after = best
-        moves.append(Move(t.key, t.label, t.quantizer.bits, down, estimates[t.quantizer][1]))
-        t.quantizer.set_bits(down)
-        bits = after
-    return bits, moves
-
-
-def fill(tensors: list[Tensor], costs: CostModel, bits: Widths, probe: Callable[[], Probe]) -> tuple[Widths, list[Move]]:
-    """Double widths while every budget still holds, largest predicted loss decrease per cost first."""
-    moves: list[Move] = []
-    while True:
-        estimates = probe()
-        best = None
-        for t in tensors:
-            up = t.quantizer.neighbour(+1)
-            if up is None:
-                continue
-            after = _moved(bits, t, up)
-            if costs.violated(after):
-                continue
-            added = costs.share(bits, after)
-            score = -estimates[t.quantizer][0] / added if added > 0 else math.inf
-            if best is None or score > best[0]:
-                best = (score, t, up, after)
-        if best is None:
-            return bits, moves
-        _, t, up, after = best
-        moves.append(Move(t.key, t.label, t.quantizer.bits, up, estimates[t.quantizer][0]))
-        t.quantizer.set_bits(up)
-        bits = after
-
-
-def constraint_repair(tensors: list[Tensor], costs: CostModel, bits_of: Callable[[], Widths], eta: float) -> Widths:
-    """Plain CGGD finish: step along the cost directions only until every budget holds."""
-    bits = bits_of()
-    while violated := costs.violated(bits):
-        _descend(tensors, sum(unit(costs.gradient(name, tensors, bits)) for name in violated), eta)
-        new = bits_of()
-        if new == bits and all(t.quantizer.neighbour(-1) is None for t in tensors):
-            raise RuntimeError("constraint repair is stuck at the minimum widths")
-        bits = new
-    return bits

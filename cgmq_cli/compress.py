@@ -195,7 +195,8 @@ def _loss_fn(spec: str | None) -> Callable:
 
 
 def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwareProfile, float_acc: float,
-            quant_acc: float, state: TrainState, seconds: float, source: checkpoint.ModelSource, run_dir: Path) -> dict:
+            quant_acc: float, state: TrainState, seconds: float, source: checkpoint.ModelSource, run_dir: Path,
+            tensors: list[dict]) -> dict:
     summary = qm.cost(profile.mac_cost if profile.cost_table else None)
     return {
         "cgmq_version": __version__,
@@ -213,6 +214,7 @@ def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwarePro
         "epochs": state.epoch,
         "seconds": seconds,
         "history": state.history,
+        "tensors": tensors,
     }
 
 
@@ -309,7 +311,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
             qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
         trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
                           profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,
-                          dist=ctx, amp=settings.amp)
+                          dist=ctx, amp=settings.amp, seed=settings.seed)
         seconds = _restore(run_dir, qm, trainer) if resume else 0.0
         if not resume:  # everything is checked: only now is the run directory created (or replaced)
             run = _start_run_dir(settings, run_dir, force, ctx, {
@@ -383,7 +385,9 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
         if log is not None:
             log.close()
     quant_acc = evaluate(qm.gm, val_loader, loss_fn, device, ctx)["accuracy"]
-    report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir)
+    tensors = trainer.explain()
+    report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir,
+                     tensors)
     if ctx.is_main:
         save_model(run_dir / "model.pt", qm, run.id if run is not None else None)
         rundir.write_json(run_dir / "report.json", report)
@@ -397,7 +401,8 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
 def _save_checkpoint(run_dir: Path, qm: QuantizedModel, state: TrainState, seconds: float, run_id: str = "") -> None:
     rundir.save_torch(run_dir / "checkpoint.pt", {
         "model": qm.gm.state_dict(), "epoch": state.epoch, "history": state.history,
-        "optimizer": state.optimizer, "bad_batches": state.bad_batches, "seconds": seconds, "run": run_id or None})
+        "optimizer": state.optimizer, "bad_batches": state.bad_batches, "seconds": seconds, "run": run_id or None,
+        "trained_widths": state.trained_widths})
 
 
 def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
@@ -415,8 +420,10 @@ def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
         raise CheckpointError(f"{run_dir / 'checkpoint.pt'} does not fit this run's model (from another run, or edited): "
                               f"{cut(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}",
                               "start the run again") from None
+    trained = ckpt.get("trained_widths")
     trainer.state = TrainState(epoch=ckpt["epoch"], history=list(ckpt["history"]), optimizer=ckpt.get("optimizer"),
-                               bad_batches=ckpt["bad_batches"])
+                               bad_batches=ckpt["bad_batches"],
+                               trained_widths=dict(trained) if isinstance(trained, dict) else None)
     seconds = ckpt.get("seconds", 0.0)
     return float(seconds) if isinstance(seconds, (int, float)) else 0.0
 

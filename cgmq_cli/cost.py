@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from cgmq_cli.budget import Budget  # noqa: F401 - re-exported: budgets are compared with CostSummary
-from cgmq_cli.metrics import FLOAT_BITS, KEYS, METRICS, Context, MacCost, Row
+from cgmq_cli.metrics import FLOAT_BITS, METRICS, Context, MacCost, Row
 
 Widths = Mapping[str, int]  # quantizer key -> width
 
@@ -96,8 +96,8 @@ class CostSummary:
         raise AttributeError(key)
 
     def as_dict(self) -> dict:
-        return {**{k: self.values[k] for k in KEYS}, "macs": self.macs, "bops_fp32": self.bops_fp32,
-                "quantized_macs": self.quantized_macs, "float_macs": self.float_macs,
+        return {**{k: self.values[k] for k in METRICS if k in self.values}, "macs": self.macs,
+                "bops_fp32": self.bops_fp32, "quantized_macs": self.quantized_macs, "float_macs": self.float_macs,
                 "float_params": self.float_params, "coverage": self.coverage}
 
 

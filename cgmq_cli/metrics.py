@@ -7,8 +7,14 @@ scaled (relative BOPs). Its gradient with respect to one gate is the change of
 the layer terms the gate's tensor enters:
 
 * BOPs-like metrics relax ``b = 2^g``: ``d(MAC * b_w * b_a)/dg = ln2 * MAC * b_w * b_a``;
-* a cost table has no formula in ``b``: the slope is the finite change to the
-  neighbouring allowed width (upwards; downwards at the top width).
+* a cost table has no formula in ``b``: the slope is the secant to the nearest
+  allowed width upwards whose cost differs (downwards at the top), per log2
+  unit of width. Tied entries are looked past: a tie is no reason for the rule
+  to stop pushing a gate whose next step down does save.
+
+Every metric must be non-decreasing in every width (profiles validate cost
+tables for this): then the all-narrowest assignment is the cheapest, which the
+feasibility check and the finish's termination rely on.
 
 Adding a metric (e.g. latency from a measured table) is one entry in
 :data:`METRICS` plus a test; budgets, flags' validation, the direction rule,
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 LN2 = math.log(2.0)
 FLOAT_BITS = 32
@@ -63,16 +69,16 @@ class Metric:
     layer: Callable[[Row, Context], float]  # one layer call's contribution
     constant: Callable[[Context], float] = lambda ctx: 0.0  # noqa: E731
     scale: Callable[[Context], float] = lambda ctx: 1.0  # noqa: E731
-    slope: Callable[[Row, int, Context, int | None, int | None], float] | None = None
+    slope: Callable[[Row, int, Context, Sequence[int], Sequence[int]], float] | None = None
     upper: float = math.inf  # the largest meaningful budget (relative BOPs: 100 percent)
 
     def total(self, rows: list[Row], ctx: Context) -> float:
         return self.scale(ctx) * (sum(self.layer(r, ctx) for r in rows) + self.constant(ctx))
 
-    def gradient(self, row: Row, side: int, ctx: Context, up: int | None, down: int | None) -> float:
+    def gradient(self, row: Row, side: int, ctx: Context, up: Sequence[int] = (), down: Sequence[int] = ()) -> float:
         """d total / d g of the gate on operand ``side`` (0 weight, 1 input) of ``row``.
 
-        ``up``/``down``: the neighbouring allowed widths of that tensor (for finite slopes).
+        ``up``/``down``: that tensor's wider / narrower allowed widths, nearest first (for finite slopes).
         """
         if self.slope is not None:
             return self.scale(ctx) * self.slope(row, side, ctx, up, down)
@@ -83,12 +89,13 @@ def _moved(row: Row, side: int, bits: int) -> Row:
     return Row(row.macs, row.params, row.bias_params, bits if side == 0 else row.bits_w, bits if side == 1 else row.bits_a)
 
 
-def _finite_slope(metric: Metric, row: Row, side: int, ctx: Context, up: int | None, down: int | None) -> float:
+def _finite_slope(metric: Metric, row: Row, side: int, ctx: Context, up: Sequence[int], down: Sequence[int]) -> float:
+    bits = row.bits_w if side == 0 else row.bits_a
     here = metric.layer(row, ctx)
-    if up is not None:
-        return metric.layer(_moved(row, side, up), ctx) - here
-    if down is not None:
-        return here - metric.layer(_moved(row, side, down), ctx)
+    for other in (*up, *down):  # upwards first; downwards only when no wider width changes the cost
+        change = metric.layer(_moved(row, side, other), ctx) - here
+        if change != 0:
+            return change / math.log2(other / bits)
     return 0.0
 
 
@@ -96,7 +103,7 @@ def _bops(row: Row, ctx: Context) -> float:
     return float(row.macs * row.bits_w * row.bits_a)
 
 
-def _bops_slope(row: Row, side: int, ctx: Context, up: int | None, down: int | None) -> float:
+def _bops_slope(row: Row, side: int, ctx: Context, up: Sequence[int], down: Sequence[int]) -> float:
     return LN2 * _bops(row, ctx)
 
 
@@ -108,7 +115,7 @@ def _bytes(row: Row, ctx: Context) -> float:
     return row.params * row.bits_w / 8 + BIAS_BYTES * row.bias_params
 
 
-def _bytes_slope(row: Row, side: int, ctx: Context, up: int | None, down: int | None) -> float:
+def _bytes_slope(row: Row, side: int, ctx: Context, up: Sequence[int], down: Sequence[int]) -> float:
     return LN2 * row.params * row.bits_w / 8 if side == 0 else 0.0
 
 

@@ -1,6 +1,7 @@
-"""Small reference architectures: the demo CNN and the Bayesian Bits LeNet-5.
+"""Small reference architectures: the demo CNN, the Bayesian Bits LeNet-5 and a small residual CNN.
 
-Use them with ``--arch cgmq_cli.models:DigitsCNN`` or ``--arch cgmq_cli.models:LeNet5``.
+Use them with ``--arch cgmq_cli.models:DigitsCNN``, ``--arch cgmq_cli.models:LeNet5`` or
+``--arch cgmq_cli.models:ResCNN``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class TinyViT(nn.Module):
         self.embed = nn.Conv2d(1, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -62,7 +63,7 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-class _Block(nn.Module):
+class _EncoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -74,3 +75,35 @@ class _Block(nn.Module):
         h = self.norm1(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
+
+
+class _Block(nn.Module):
+    """Two 3x3 convs with BatchNorm and an identity (or 1x1-conv) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResCNN(nn.Module):
+    """A small residual CNN with BatchNorm for 1x28x28 (or 1x8x8) images: a 3x3 stem, two residual
+    blocks (16 channels, then 32 at stride 2), global average pooling, one linear layer."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = _Block(16, 16)
+        self.block2 = _Block(16, 32, stride=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(self.stem(x))))

@@ -338,9 +338,9 @@ def _check_table(table: Any, src: str) -> dict[tuple[int, int], float]:
         if not (isinstance(key, tuple) and len(key) == 2 and all(_is_int(b) and b in VALID_BITS for b in key)):
             raise _FieldError(src, "cost.table", key, f"keys are (weight bits, activation bits); {_ALLOWED_BITS}")
         checked[key] = _positive(cost, src, f"cost.table.{key[0]}x{key[1]}")
-    for (w, a), cost in checked.items():
-        for wider in ((w * 2, a), (w, a * 2)):
-            if checked.get(wider, math.inf) < cost:
+    for (w, a), cost in checked.items():  # every entry that is at least as wide in both operands (not only 2x)
+        for wider in sorted(k for k in checked if k[0] >= w and k[1] >= a):
+            if checked[wider] < cost:
                 raise _FieldError(src, f"cost.table.{w}x{a}", cost, f"costs more than the wider "
                                   f"{wider[0]}x{wider[1]} = {checked[wider]:g}; wider widths must not be cheaper")
     return checked

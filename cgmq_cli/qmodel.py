@@ -98,14 +98,36 @@ class QuantizedModel:
         gates = {id(q.gate) for q in self.all_quantizers()} | {id(q.down_probe) for q in self.all_quantizers()}
         return [p for p in self.gm.parameters() if id(p) not in gates]
 
-    def set_probing(self, on: bool) -> None:
-        """Gate-epoch mode: gates and probes take gradients, weights and steps are frozen (and back)."""
+    def set_probing(self, on: bool, train_weights: bool = False) -> None:
+        """Gate-epoch mode: gates and probes take gradients; weights and steps are frozen unless
+        ``train_weights`` (they then train at the current widths in the same passes). ``False``: back."""
         for p in self.weight_params():
-            p.requires_grad_(not on)
+            p.requires_grad_(not on or train_weights)
         for q in self.all_quantizers():
             q.probing = on
             q.gate.requires_grad_(on)
             q.down_probe.requires_grad_(on)
+
+    def set_table_probe(self, keys: Iterable[str] | None) -> None:
+        """Table mode for the quantizers ``keys`` (None: off): weights frozen, every allowed width probed."""
+        for p in self.weight_params():
+            p.requires_grad_(keys is None)
+        qs = self.tensor_quantizers()
+        for q in qs.values():
+            q.stop_table()
+        for key in keys or ():
+            qs[key].start_table()
+
+    def table_grads(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        """The accumulated table probes (one value per allowed width) and reset them."""
+        qs = self.tensor_quantizers()
+        out = {}
+        for key in keys:
+            t = qs[key].table
+            out[key] = [0.0] * len(qs[key].allowed) if t is None or t.grad is None else t.grad.tolist()
+            if t is not None:
+                t.grad = None
+        return out
 
     # -- calibration -------------------------------------------------------------
     def act_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -142,6 +164,23 @@ class QuantizedModel:
                 q.calibrate(attr_tensor(self.gm, self.tensors[key].tensor))
             elif key in inputs:
                 q.calibrate(inputs[key])
+        self.gm.train(was_training)
+
+    @torch.no_grad()
+    def recalibrate(self, widths: dict[str, int], batch: torch.Tensor) -> None:
+        """MSE-fit the step of width ``widths[key]`` of each named quantizer to the tensor as it is now:
+        the current weights, or the inputs the quantized model (at its current widths) gives it for ``batch``."""
+        was_training = self.gm.training
+        self.gm.eval()
+        qs = self.tensor_quantizers()
+        acts = [k for k in widths if qs[k].kind == "act"]
+        inputs = self.act_inputs(batch) if acts else {}
+        for key, width in widths.items():
+            q = qs[key]
+            if q.kind == "weight":
+                q.calibrate(attr_tensor(self.gm, self.tensors[key].tensor), widths=(width,))
+            elif key in inputs:
+                q.calibrate(inputs[key], widths=(width,))
         self.gm.train(was_training)
 
 

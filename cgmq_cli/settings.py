@@ -50,15 +50,18 @@ INT_RANGES = {
     "workers": (0, 256), "gate_steps": (0, 1_000_000), "probe_batches": (1, 10_000),
     "max_bad_batches": (1, 1_000_000), "rounds": (0, 10_000),
 }
-FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0)}  # lower bound exclusive
+FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
+                "last_gate_fraction": (0.0, 1.0)}  # lower bound exclusive
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
     "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
     "workers": "0 (the default) loads data in the main process", "lr": "the default is 1e-3",
     "gate_steps": "the default is 300; 0 means one pass over the data",
 }
-STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish")
+STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
 FINISH = ("repair-fill", "constraint")
+LR_SCHEDULES = ("cosine", "constant")
+BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 MAX_INPUT_ELEMENTS = 2**27  # one example input of at most 128 Mi elements (512 MiB of float32)
 MAX_TEXT = 4096
@@ -205,10 +208,12 @@ def check_setting(key: str, value: Any, where: str) -> Any:
         text = check_text(value, where)
         if key == "finish" and text not in FINISH:
             raise _bad(where, value, f"expected {' or '.join(FINISH)}", "the default is repair-fill")
+        if key == "lr_schedule" and text not in LR_SCHEDULES:
+            raise _bad(where, value, f"expected {' or '.join(LR_SCHEDULES)}", f"the default is {TrainConfig.lr_schedule}")
         if key == "device" and not DEVICE.fullmatch(text):
             raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
         return text
-    if key in ("amp", "trust"):
+    if key in BOOL_KEYS:
         if not isinstance(value, bool):
             raise _bad(where, value, "must be true or false", "write true or false without quotes")
         return value
@@ -320,6 +325,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 
 
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
+_NEWER = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction")  # absent in older runs
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":
@@ -340,7 +346,7 @@ def from_config(d: Any, where: str) -> "CompressSettings":
         out = {}
         for key in known:
             if key not in mapping:
-                if key in _OPTIONAL or key == "trust":
+                if key in _OPTIONAL or key in _NEWER or key == "trust":
                     continue
                 raise UsageError(f"{where}: lacks setting `{prefix}{key}`", "the run directory was damaged or edited")
             value = mapping[key]

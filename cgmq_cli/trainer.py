@@ -6,19 +6,28 @@ Bits change only in gate epochs and their finish, so the cost after the last
 finish is the final cost. Progress is reported as :class:`Event` objects to a
 callback; the state after every epoch goes to a ``save`` callback so that an
 interrupted run resumes from its last finished epoch.
+
+The fine-tuning recipe (README, "The recipe"): Adam at ``lr`` decayed by a
+cosine over every weight-training step of the run (``lr_schedule``); with
+``gate_weights`` the weights also train at the current widths during gate
+epochs; with ``recalibrate`` a width that the finish switches a tensor to gets
+its step fitted to the tensor as it is now, and that step's Adam state is reset.
+Gate and probe passes always run in float32 (no autocast), so ``--amp`` never
+feeds fp16 gradients to the gates without a GradScaler.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from cgmq_cli import cgmq
+from cgmq_cli import cgmq, explain, finish, probes
 from cgmq_cli.cost import Budget, MacCost
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import TrainingError
@@ -33,17 +42,42 @@ class TrainConfig:
     eta: float = 0.05
     r: float = 1.5
     gate_steps: int = 300  # a gate epoch is one pass or at least this many batches
-    probe_batches: int = 8
+    probe_batches: int = 8  # the fixed probe set of each finish
     finish: str = "repair-fill"  # or "constraint" (plain CGGD)
     max_bad_batches: int = 20
     device: str = "cpu"
     rounds: int | None = None  # (gate, weight) rounds; None: max(1, epochs // 3); 0: plain QAT
+    lr_schedule: str = "constant"  # or "cosine": over every weight-training step of the run
+    gate_weights: bool = False  # weights train at the current widths during gate epochs too
+    recalibrate: bool = False  # a width the finish switches to gets a fresh MSE step and Adam state
+    gate_eta_decay: bool = False  # eta falls linearly to 0 over each gate epoch
+    last_gate_fraction: float = 1.0  # the last gate epoch's length as a fraction of the others'
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
         rounds = self.rounds if self.rounds is not None else max(1, self.epochs // 3)
         kinds = ["gate", "weight"] * rounds
         return (kinds + ["weight"] * self.epochs)[: self.epochs]
+
+    def gate_length(self, batches: int, epoch: int) -> int:
+        """Batches of the gate epoch ``epoch``: one pass or at least ``gate_steps`` (the last one scaled)."""
+        steps = max(batches, self.gate_steps)
+        kinds = self.schedule()
+        last = max((i for i, k in enumerate(kinds) if k == "gate"), default=-1)
+        return max(1, math.ceil(steps * self.last_gate_fraction)) if epoch == last else steps
+
+    def train_steps(self, batches: int) -> list[int]:
+        """Weight-training steps per epoch (the lr schedule's clock)."""
+        return [batches if k == "weight" else self.gate_length(batches, i) if self.gate_weights else 0
+                for i, k in enumerate(self.schedule())]
+
+    def lr_at(self, batches: int, epoch: int, step: int) -> float:
+        """The learning rate of weight-training step ``step`` of epoch ``epoch``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        steps = self.train_steps(batches)
+        done, total = sum(steps[:epoch]) + step, max(sum(steps), 1)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(done / total, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     optimizer: dict | None = None
     bad_batches: int = 0
+    trained_widths: dict | None = None  # the widths of the last weight-training step (for re-calibration)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -93,9 +128,10 @@ class Trainer:
     def __init__(self, qm: QuantizedModel, train_loader: Any, val_loader: Any, budget: Budget,
                  config: TrainConfig, mac_cost: MacCost | None = None,
                  loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None,
-                 dist: DistContext = DistContext(), amp: bool = False) -> None:
+                 dist: DistContext = DistContext(), amp: bool = False, seed: int = 0) -> None:
         self.qm, self.train_loader, self.val_loader = qm, train_loader, val_loader
         self.dist = dist
+        self.seed = seed
         self.amp = amp and config.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.net: nn.Module = qm.gm
@@ -118,18 +154,20 @@ class Trainer:
     def _emit(self, kind: str, epoch: int, /, **data: Any) -> None:
         self.on_event(Event(kind, epoch, data))
 
-    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
         dev = self.config.device
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             return self.loss_fn(logits(model(x.to(dev))), y.to(dev))
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor | None:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None,
+              amp: bool = False) -> torch.Tensor | None:
         """The batch loss, or None for a non-finite loss (skipped and counted; every rank agrees).
 
+        ``amp`` (fp16 autocast) only for weight epochs, whose backward goes through the GradScaler.
         ``max_bad_batches`` non-finite losses in a row abort the run with a
         TrainingError; the checkpoint of the last finished epoch stays as it was.
         """
-        loss = self._forward_loss(model or self.qm.gm, x, y)
+        loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp)
         if self.dist.all_true(bool(torch.isfinite(loss))):
             self._bad_streak = 0
             return loss
@@ -149,55 +187,125 @@ class Trainer:
             t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
         return self.dist.mean(values)
 
-    def probe(self) -> cgmq.Probe:
-        """Average first-order loss change of doubling / halving each free tensor over a few batches."""
-        total = torch.zeros((len(self.tensors), 2), dtype=torch.float64)
-        self.qm.set_probing(True)
+    def _set_lr(self, epoch: int, step: int) -> None:
+        lr = self.config.lr_at(len(self.train_loader), epoch, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def probe_set(self, epoch: int) -> list[probes.Batch]:
+        """The fixed probe set of the finish after gate epoch ``epoch`` (seeded by the run's seed and epoch)."""
+        return probes.probe_set(self.train_loader, self.config.probe_batches, self.seed, epoch,
+                                self.dist.world, self.dist.rank)
+
+    def predict(self, batches: list[probes.Batch], tensors: list[cgmq.Tensor] | None = None) -> tuple[finish.Predictions, int]:
+        """First-order loss change of moving each tensor to each allowed width, averaged over the
+        batches of ``batches`` whose loss was finite (and over ranks); also how many were used."""
+        tensors = self.tensors if tensors is None else tensors
+        keys = [t.key for t in tensors]
+        allowed = {t.key: t.quantizer.allowed for t in tensors}
+        width = max((len(a) for a in allowed.values()), default=0)
+        total = torch.zeros((len(keys), width), dtype=torch.float64)
+        used = 0
+        self.qm.set_table_probe(keys)
         self.qm.gm.eval()
-        for x, y in itertools.islice(self._batches, self.config.probe_batches):
-            loss = self._loss(x, y)
-            if loss is None:
-                continue
-            loss.backward()
-            total += self._gate_grads()
-        self.qm.set_probing(False)
-        total /= max(self.config.probe_batches, 1)
-        return {t.quantizer: (float(total[i, 0]), float(total[i, 1])) for i, t in enumerate(self.tensors)}
+        try:
+            for x, y in batches:
+                loss = self._loss(x, y)
+                if loss is None:
+                    continue
+                loss.backward()
+                for i, row in enumerate(self.qm.table_grads(keys).values()):
+                    total[i, : len(row)] += torch.tensor(row, dtype=torch.float64)
+                used += 1
+        finally:
+            self.qm.set_table_probe(None)
+        total = self.dist.mean(total / max(used, 1))
+        return probes.as_predictions(keys, allowed, total), used
 
     # -- epochs ----------------------------------------------------------------
     def gate_epoch(self, epoch: int) -> dict:
         """Move the gates by the rule for one pass (at least ``gate_steps`` batches), then finish."""
         cfg = self.config
-        steps = max(len(self.train_loader), cfg.gate_steps)
-        self.qm.set_probing(True)
-        self.qm.gm.eval()
+        joint = cfg.gate_weights
+        steps = cfg.gate_length(len(self.train_loader), epoch)
+        self.qm.set_probing(True, train_weights=joint)
+        self.qm.gm.train(joint)
         loads, crossings, was_over = [], 0, None
-        for i, (x, y) in enumerate(itertools.islice(self._batches, steps)):
-            loss = self._loss(x, y)
-            if loss is None:
-                continue
-            loss.backward()
-            grads = self._gate_grads()  # averaged over ranks: every rank takes the same step
-            cgmq.gate_step(self.tensors, self.costs, self.qm.widths(), cfg.eta, cfg.r, grads[:, 0].tolist())
-            load = self.costs.load(self.qm.widths())
-            over = load > 1.0
-            crossings += int(was_over is not None and over != was_over)
-            was_over = over
-            loads.append(load)
-            if i % max(steps // 10, 1) == 0 or i == steps - 1:
-                self._emit("progress", epoch, phase="gate", step=i + 1, steps=steps, loss=loss.item(),
-                           load=load, rel_bops=self.costs.summary(self.qm.widths()).rel_bops)
-        self.qm.set_probing(False)
+        try:
+            for i, (x, y) in enumerate(itertools.islice(self._batches, steps)):
+                if joint:
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss = self._loss(x, y, self.net if joint else self.qm.gm)
+                if loss is None:
+                    continue
+                loss.backward()
+                grads = self._gate_grads()  # averaged over ranks: every rank takes the same step
+                if joint:
+                    self._set_lr(epoch, i)
+                    self.optimizer.step()
+                eta = cfg.eta * (1.0 - i / steps) if cfg.gate_eta_decay else cfg.eta
+                cgmq.gate_step(self.tensors, self.costs, self.qm.widths(), eta, cfg.r, grads[:, 0].tolist())
+                load = self.costs.load(self.qm.widths())
+                over = load > 1.0
+                crossings += int(was_over is not None and over != was_over)
+                was_over = over
+                loads.append(load)
+                if i % max(steps // 10, 1) == 0 or i == steps - 1:
+                    self._emit("progress", epoch, phase="gate", step=i + 1, steps=steps, loss=loss.item(),
+                               load=load, rel_bops=self.costs.summary(self.qm.widths()).rel_bops)
+        finally:
+            self.qm.set_probing(False)
+        if joint:
+            self.state.trained_widths = self.qm.widths()
+        return {"min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
+                "crossings": crossings, **self.finish(epoch)}
+
+    def finish(self, epoch: int) -> dict:
+        """Make the widths feasible (and use the budget) on one fixed probe set; see :mod:`cgmq_cli.finish`."""
+        cfg = self.config
+        started = time.perf_counter()
+        batches = self.probe_set(epoch)
         before = self.qm.widths()
+        widths, repaired, filled, undone, note, used = before, [], [], [], None, 0
         if cfg.finish == "constraint":
-            after, repaired, filled = cgmq.constraint_repair(self.tensors, self.costs, self.qm.widths, cfg.eta), [], []
+            widths, note = finish.constraint_repair(self.tensors, self.costs, self.qm.widths, cfg.eta)
+            if note:
+                self._emit("info", epoch, message=note)
+                pred, used = self.predict(batches)
+                widths, repaired = finish.repair(self.tensors, self.costs, widths, pred)
         else:
-            after, repaired = cgmq.repair(self.tensors, self.costs, before, self.probe)
-            after, filled = cgmq.fill(self.tensors, self.costs, after, self.probe)
+            pred, used = self.predict(batches)
+            widths, repaired = finish.repair(self.tensors, self.costs, before, pred)
+            repaired_widths = widths
+            widths, filled = finish.fill(self.tensors, self.costs, widths, pred)
+            if filled:  # confirm the plan once, at the planned widths
+                self.qm.set_widths(widths)
+                pred, _ = self.predict(batches)
+                widths, undone = finish.confirm(self.tensors, widths, repaired_widths, pred)
+        self.qm.set_widths(widths)
         self.dist.check_same(list(self.qm.widths().values()), "the widths after a gate epoch")
-        return {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(after),
-                "min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
-                "crossings": crossings, "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled]}
+        if cfg.recalibrate:
+            self._recalibrate(batches)
+        out = {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(widths),
+               "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled],
+               "undone": [asdict(m) for m in undone], "probe_batches_used": used,
+               "finish_seconds": time.perf_counter() - started}
+        return {**out, "finish_note": note} if note else out
+
+    def _recalibrate(self, batches: list[probes.Batch]) -> None:
+        """Fit the step of every width that no weight-training step has used since it became active
+        to the tensor as it is now, and drop that step's Adam state."""
+        trained = self.state.trained_widths or {}
+        stale = {t.key: t.quantizer.bits for t in self.tensors
+                 if t.quantizer.bits != trained.get(t.key) and str(t.quantizer.bits) in t.quantizer.steps}
+        if not stale or not batches:
+            return
+        self.qm.recalibrate(stale, probes.calibration_inputs(batches).to(self.config.device))
+        qs = self.qm.tensor_quantizers()
+        for key, width in stale.items():
+            for params in (qs[key].steps, qs[key].zero_points):
+                if str(width) in params:
+                    self.optimizer.state.pop(params[str(width)], None)
 
     def weight_epoch(self, epoch: int) -> dict:
         """Train weights and steps with every width frozen."""
@@ -207,16 +315,18 @@ class Trainer:
         steps = len(self.train_loader)
         for i, (x, y) in enumerate(self.train_loader):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(x, y, self.net)
+            loss = self._loss(x, y, self.net, amp=True)
             if loss is None:
                 continue
+            self._set_lr(epoch, i)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             total, n = total + loss.item(), n + 1
             if i % max(steps // 5, 1) == 0 or i == steps - 1:
                 self._emit("progress", epoch, phase="weight", step=i + 1, steps=steps, loss=loss.item())
-        return {"train_loss": total / max(n, 1)}
+        self.state.trained_widths = self.qm.widths()
+        return {"train_loss": total / max(n, 1), "lr_end": self.optimizer.param_groups[0]["lr"]}
 
     def run(self, save: Callable[[TrainState], None] | None = None) -> TrainState:
         """Run the remaining epochs of the schedule; ``save`` is called after each one."""
@@ -240,6 +350,12 @@ class Trainer:
             if save is not None:
                 save(self.state)
         return self.state
+
+    def explain(self) -> list[dict]:
+        """report.json's ``tensors``: per quantizer, the predicted loss change and the cost of one step
+        up or down, from one probe of a fixed probe set at the final widths (see :mod:`cgmq_cli.explain`)."""
+        pred, _ = self.predict(self.probe_set(len(self.config.schedule())))
+        return explain.tensor_entries(self.qm, self.costs, pred)
 
 
 def train_float(model: nn.Module, loader: Any, epochs: int, lr: float, seed: int, device: str = "cpu") -> nn.Module:

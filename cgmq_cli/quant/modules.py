@@ -15,7 +15,16 @@ width move into ``.grad``::
     g.grad = <dL/dQ, e_up>,   p.grad = <dL/dQ, e_down>
 
 so ``g.grad < 0`` means more bits would lower the loss, and ``p.grad`` is the
-predicted loss increase of halving the width (used by the repair step).
+predicted loss increase of halving the width.
+
+The finish after a gate epoch needs the first-order change of a move to *any*
+allowed width (repair may skip a halving that saves nothing). In table mode
+(:meth:`GatedQuantizer.start_table`) the forward value is again unchanged and::
+
+    out = Q_b(x) + sum_{w != b} (t_w - t_w.detach()) * (Q_w(x) - Q_b(x))
+    t.grad[w] = <dL/dQ, Q_w(x) - Q_b(x)>          (Q_32(x) = x)
+
+one entry per allowed width (0 at the current one).
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class GatedQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(self.signedness == "signed"))
         self.register_buffer("has_zero_point", torch.tensor(False))  # asymmetric and the data has both signs
         self.probing = False
+        self.table: torch.Tensor | None = None  # table mode: one probe per allowed width (not saved)
 
     # -- width -----------------------------------------------------------------
     @property
@@ -144,9 +154,18 @@ class GatedQuantizer(nn.Module):
                 return self._forward(x.float())
         return self._forward(x)
 
+    def start_table(self) -> None:
+        """Table mode: ``table.grad[i]`` accumulates the first-order loss change of moving to ``allowed[i]``."""
+        self.table = torch.zeros(len(self.allowed), dtype=torch.float64, device=self.gate.device, requires_grad=True)
+
+    def stop_table(self) -> None:
+        self.table = None
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.bits
         q = self.quantize(x, bits)
+        if self.table is not None:
+            return self._table_forward(x, q, bits)
         if not self.probing:
             return q
         with torch.no_grad():
@@ -161,15 +180,27 @@ class GatedQuantizer(nn.Module):
         g, p = self.gate, self.down_probe
         return q + (g - g.detach()) * e_up + (p - p.detach()) * e_down
 
+    def _table_forward(self, x: torch.Tensor, q: torch.Tensor, bits: int) -> torch.Tensor:
+        t = self.table.to(q.dtype)
+        out = q
+        for i, width in enumerate(self.allowed):
+            if width != bits:
+                with torch.no_grad():
+                    e = self.quantize(x, width) - q
+                out = out + (t[i] - t[i].detach()) * e
+        return out
+
     # -- calibration -----------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
+    def calibrate(self, x: torch.Tensor, widths: Sequence[int] | None = None) -> None:
         """Initialise every width's step (and zero point) by minimising the quantization MSE on ``x``.
 
         ``x`` is the weight itself, or a calibration batch of inputs (flattened
         and subsampled to a fixed size). With signedness "auto", activations that
         were never negative get the unsigned grid; with "asymmetric" they get a
         zero point of 0 (and no zero point is learned) unless the data has both signs.
+        With ``widths`` only those widths' steps are set again (the grid's sign stays as it is):
+        a width that becomes active late gets a step fitted to the tensor as it is now.
         """
         x = x.detach().float()
         if self.per_channel and self.axis != 0:
@@ -182,11 +213,14 @@ class GatedQuantizer(nn.Module):
                 gen = torch.Generator().manual_seed(0)
                 idx = torch.randperm(x.numel(), generator=gen)[:ACT_CALIBRATION_SAMPLES]
                 x = x[idx.to(x.device)]
-            if self.signedness == "auto":
+            if widths is None and self.signedness == "auto":
                 self.signed.fill_(bool((x < 0).any()))
             # asymmetric: a zero point only for data of both signs; else the plain unsigned grid
-            self.has_zero_point.fill_(self.signedness == "asymmetric" and bool((x < 0).any()))
+            if widths is None:
+                self.has_zero_point.fill_(self.signedness == "asymmetric" and bool((x < 0).any()))
         for key, param in self.steps.items():
+            if widths is not None and int(key) not in widths:
+                continue
             if bool(self.has_zero_point):
                 step, zero = F.mse_optimal_asymmetric(x, int(key))
                 self.zero_points[key].fill_(float(zero))

@@ -263,44 +263,69 @@ def test_sigkill_never_leaves_half_written_files(digits_ckpt: str, tmp_path: Pat
 # -- property: random profiles and budgets ---------------------------------------------------------
 
 def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path) -> None:
+    """Random width sets, cost tables with ties, mixed budgets of which exactly one is violated where the
+    finish starts, both finishes: every run ends within budget (or the budget is refused as infeasible
+    before training), and every finish returns (a hang fails through the alarm)."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
 
-    from cgmq_cli import cgmq, qmodel
+    from cgmq_cli import qmodel
     from cgmq_cli.compress import check_budget
-    from cgmq_cli.cost import Budget
+    from cgmq_cli.cost import Budget, extreme_cost
     from cgmq_cli.errors import InfeasibleBudgetError
-    from cgmq_cli.profiles import HardwareProfile
+    from cgmq_cli.profiles import VALID_BITS, HardwareProfile
+    from cgmq_cli.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
     widths = st.lists(st.sampled_from([2, 4, 8, 16, 32]), min_size=1, max_size=5, unique=True)
+    levels = st.lists(st.integers(0, 2), min_size=5, max_size=5).map(sorted)  # non-decreasing: ties are common
+    tables = st.tuples(levels, levels).map(lambda la: {
+        (bw, ba): 0.25 * (1 + la[0][i]) * (1 + la[1][j]) for i, bw in enumerate(VALID_BITS) for j, ba in enumerate(VALID_BITS)})
+    table = st.integers(0, 1).flatmap(lambda t: tables if t else st.none())
 
-    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(w=widths, a=widths, rel=st.floats(0.05, 120), wbytes=st.one_of(st.none(), st.floats(10, 5000)))
-    def check(w, a, rel, wbytes):
-        profile = HardwareProfile(name="random", weight_bits=tuple(w), act_bits=tuple(a))
-        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    class Hang(BaseException):
+        pass
+
+    def hang(*_):
+        raise Hang()
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(w=widths, a=widths, cost_table=table, data=st.data())
+    def check(w, a, cost_table, data):
+        profile = HardwareProfile(name="random", weight_bits=tuple(w), act_bits=tuple(a), cost_table=cost_table)
+        mac_cost = profile.mac_cost if cost_table else None
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
         qm = qmodel.prepare(model, (12,), widths_for=profile.widths_for, input_bits=8)
         qm.calibrate(x)
-        budget = Budget(rel_bops=min(rel, 100.0), weight_bytes=wbytes)
+        qm.set_widths({k: data.draw(st.sampled_from(q.allowed)) for k, q in qm.tensor_quantizers().items()})
+        now = qm.cost(mac_cost).as_dict()
+        keys = ["rel_bops", "weight_bytes", "bops"] + (["cost"] if cost_table else [])
+        chosen = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=len(keys), unique=True))
+        limits = {k: now[k] * data.draw(st.floats(1.0, 3.0)) for k in chosen[1:]}  # met where the finish starts
+        low = extreme_cost(qm.shapes, qm.allowed(), mac_cost).as_dict()[chosen[0]]
+        # the one violated: mostly between the reachable minimum and now, sometimes below the minimum
+        limits[chosen[0]] = low + (now[chosen[0]] - low) * data.draw(st.floats(-0.2, 0.999))
+        if limits.get("rel_bops", 0) > 100 or not all(v > 0 for v in limits.values()) or now[chosen[0]] <= low:
+            return
+        budget = Budget(**limits)
         try:
             check_budget(qm, budget, profile)
         except InfeasibleBudgetError:
             return
-        tensors = cgmq.free_tensors(qm)
-        costs = cgmq.CostModel(qm.shapes, budget, None)
-        qm.set_probing(True)
-        for _ in range(5):
-            nn.functional.cross_entropy(qm.gm(x), y).backward()
-            cgmq.gate_step(tensors, costs, qm.widths(), eta=0.2, r=1.5)
-            for t in tensors:
-                t.quantizer.gate.grad = t.quantizer.down_probe.grad = None
-        qm.set_probing(False)
-        probe = lambda: {t.quantizer: (-1.0, 1.0) for t in tensors}  # noqa: E731
-        bits, _ = cgmq.repair(tensors, costs, qm.widths(), probe)
-        bits, _ = cgmq.fill(tensors, costs, bits, probe)
-        assert budget.is_satisfied_by(qm.cost()) and bits == qm.widths()
+        config = TrainConfig(finish=data.draw(st.sampled_from(["repair-fill", "constraint"])), probe_batches=2)
+        trainer = Trainer(qm, loader, loader, budget, config, mac_cost)
+        assert list(trainer.costs.violated(qm.widths())) == [chosen[0]]
+        signal.signal(signal.SIGALRM, hang)
+        signal.alarm(30)
+        try:
+            info = trainer.finish(0)
+        finally:
+            signal.alarm(0)
+        assert budget.is_satisfied_by(qm.cost(mac_cost)) and info["load_after_finish"] <= 1.0
+        assert all(m["predicted_dloss"] < 0 for m in info["filled"])
 
     check()
 

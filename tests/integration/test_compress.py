@@ -128,3 +128,74 @@ def test_report_formats_and_check(digits_ckpt: str, tmp_path: Path) -> None:
     assert ok.exit_code == 0 and ok.stdout.splitlines()[0].startswith("PASS budget rel_bops: ")
     bad = runner.invoke(app, ["check", run, "--min-accuracy", "100"])
     assert bad.exit_code == 4 and "FAIL min accuracy:" in bad.stdout
+
+
+TIED_PROFILE = """schema_version: 1
+name: tied
+weight_bits: [4, 8, 16]
+act_bits: [8]
+input_bits: 8
+cost:
+  metric: table
+  unit: cycles
+  table: {"4x8": 0.5, "8x8": 1, "16x8": 1}
+"""
+
+
+class _Hang(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("finish", ["repair-fill", "constraint"])
+def test_tied_cost_table_ends_within_budget(digits_ckpt: str, tmp_path: Path, finish: str) -> None:
+    """Faults 1 and 2 as a user met them: `--budget-cost 300000` (minimum 168,768) crashed repair with
+    'repair found no width to lower', and `--finish constraint` never ended (the cost slope was 0)."""
+    import signal
+
+    (tmp_path / "tied.yaml").write_text(TIED_PROFILE)
+
+    def hang(*_):
+        raise _Hang()
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)
+    try:
+        report = _compress(digits_ckpt, tmp_path / "run", "--profile", str(tmp_path / "tied.yaml"), "--budget-cost",
+                           "300000", "--epochs", "1", "--gate-steps", "5", "--subset", "256", "--finish", finish)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert report["feasible"] and 168768 <= report["cost"]["cost"] <= 300000
+    gate = report["history"][0]
+    assert gate["load_before_finish"] > 1.0 or gate["max_load"] > 1.0
+
+
+def test_report_explains_every_tensor(digits_ckpt: str, tmp_path: Path) -> None:
+    from cgmq_cli.metrics import METRICS
+
+    report = _compress(digits_ckpt, tmp_path / "run", "--budget-rel-bops", "1", "--budget-weight-bytes", "15000",
+                       "--epochs", "2", "--subset", "256")
+    entries = report["tensors"]
+    assert [e["key"] for e in entries] == sorted({e["key"] for e in entries}, key=[e["key"] for e in entries].index)
+    assert len(entries) == 8  # DigitsCNN: 4 weights, 4 inputs (the network input fixed at 8 bits)
+    fields = ["key", "label", "kind", "width", "allowed", "gated", "predicted_dloss_up", "predicted_dloss_down",
+              "cost_up", "cost_down", "bound_by", "layers"]
+    by_layer = {l["name"]: l for l in report["layers"]}
+    for e in entries:
+        assert list(e) == fields and e["kind"] in ("weight", "act") and e["width"] in e["allowed"]
+        assert e["gated"] == (len(e["allowed"]) > 1)
+        top, bottom = e["width"] == max(e["allowed"]), e["width"] == min(e["allowed"])
+        assert (e["cost_up"] is None) == top and (e["predicted_dloss_up"] is None) == top
+        assert (e["cost_down"] is None) == bottom and (e["predicted_dloss_down"] is None) == bottom
+        for layer in e["layers"]:  # the width is the one the layer rows carry
+            assert by_layer[layer]["bits_w" if e["kind"] == "weight" else "bits_a"] == e["width"]
+        if e["cost_up"] is not None:
+            assert set(e["cost_up"]) == set(METRICS) and e["cost_up"]["bops"] > 0
+            if e["kind"] == "act":
+                assert e["cost_up"]["weight_bytes"] == 0
+            over = [k for k in ("rel_bops", "weight_bytes") if report["cost"][k] + e["cost_up"][k] > report["budget"][k]]
+            assert e["bound_by"] == over
+        if e["cost_down"] is not None:
+            assert e["cost_down"]["bops"] < 0
+    assert entries[0]["label"] == "input of features.0" and not entries[0]["gated"]
+    assert any(e["bound_by"] for e in entries)

@@ -1,0 +1,225 @@
+"""The recipe sweep: which fine-tuning defaults hold accuracy, measured on three tasks.
+
+    python benchmarks/recipe.py --configs old-code,old,lr1e-4,cos3e-4 --tasks digits,rescnn,fmnist --seeds 3
+    python benchmarks/recipe.py --report          # results/recipe.md from the cached runs
+
+Every run is ``cgmq_cli.compress.compress`` as the CLI runs it (the defaults of TrainConfig, with one
+config's overrides), in its own process; each finished run is cached in results/recipe/<config>__<task>__s<seed>.json,
+so an interrupted sweep resumes. ``old-code`` runs the code of git revision ``--old-rev`` (exported with
+git archive, not checked out) with its own defaults: the recipe and the finish before this change.
+
+Tasks (validation = held-out training images, never the test set, for the Fashion-MNIST tasks):
+
+* digits: DigitsCNN on scikit-learn digits (1,437 / 360), 1.0 % relative BOPs, batch 64;
+* rescnn: ResCNN (residual, BatchNorm) on 10,000 Fashion-MNIST training images, 10,000 held out, 1.0 %, batch 64;
+* fmnist: LeNet-5 on 50,000 Fashion-MNIST training images, 10,000 held out, 1.0 %, batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / "recipe"
+DATASETS = str(HERE / "datasets.py")
+
+TASKS = {
+    "digits": dict(arch="cgmq_cli.models:DigitsCNN", data="digits", ckpt="digits-float-seed0.pt", budget=1.0, batch=64,
+                   float=None),
+    "rescnn": dict(arch="cgmq_cli.models:ResCNN", data=f"{DATASETS}:fmnist_holdout_10k",
+                   ckpt="rescnn-fmnist10k-float-seed0.pt", budget=1.0, batch=64, float=dict(epochs=10, lr=1e-3, batch=64)),
+    "fmnist": dict(arch="cgmq_cli.models:LeNet5", data=f"{DATASETS}:fmnist_holdout",
+                   ckpt="fmnist-holdout-float-seed0.pt", budget=1.0, batch=128, float=dict(epochs=8, lr=1e-3, batch=128)),
+}
+OLD = dict(lr=1e-3, lr_schedule="constant", gate_weights=False, recalibrate=False, gate_eta_decay=False,
+           last_gate_fraction=1.0)
+CONFIGS: dict[str, dict | None] = {
+    "old-code": None,  # the previous code and its defaults
+    "old": OLD,  # the previous recipe with the new finish
+    "lr1e-4": {**OLD, "lr": 1e-4},
+    "lr3e-4": {**OLD, "lr": 3e-4},
+    "cos1e-4": {**OLD, "lr": 1e-4, "lr_schedule": "cosine"},
+    "cos3e-4": {**OLD, "lr": 3e-4, "lr_schedule": "cosine"},
+    "cos1e-3": {**OLD, "lr": 1e-3, "lr_schedule": "cosine"},
+}
+
+
+def add_config(name: str, base: str, **changes) -> None:
+    CONFIGS[name] = {**CONFIGS[base], **changes}
+
+
+for lr in ("1e-4", "3e-4"):
+    base = f"cos{lr}"
+    add_config(f"{base}+recal", base, recalibrate=True)
+    add_config(f"{base}+joint", base, gate_weights=True)
+    add_config(f"{base}+recal+joint", base, recalibrate=True, gate_weights=True)
+    add_config(f"{base}+recal+joint+decay", base, recalibrate=True, gate_weights=True, gate_eta_decay=True)
+    add_config(f"{base}+recal+decay", base, recalibrate=True, gate_eta_decay=True)
+    add_config(f"{base}+recal+joint+short", base, recalibrate=True, gate_weights=True, last_gate_fraction=0.5)
+    add_config(f"{base}+recal+short", base, recalibrate=True, last_gate_fraction=0.5)
+
+RUNNER = r"""
+import json, sys, tempfile, time
+import torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(int(spec["threads"]))
+from cgmq_cli import compress as cmp
+from cgmq_cli.cost import Budget
+from cgmq_cli.trainer import TrainConfig
+with tempfile.TemporaryDirectory() as tmp:
+    settings = cmp.CompressSettings(model=spec["ckpt"], arch=spec["arch"], data=spec["data"], out=tmp + "/run",
+                                    budget=Budget(rel_bops=spec["budget"]), batch_size=spec["batch"], seed=spec["seed"],
+                                    train=TrainConfig(**spec["train"]))
+    start = time.time()
+    report = cmp.compress(settings).report
+    wall = time.time() - start
+hist = report["history"]
+out = {"accuracy": report["accuracy"]["quantized"], "float_accuracy": report["accuracy"]["float"],
+       "rel_bops": report["cost"]["rel_bops"], "feasible": report["feasible"], "seconds": wall,
+       "epoch_accuracy": [h["accuracy"] for h in hist], "kinds": [h["epoch_kind"] for h in hist],
+       "crossings": [h.get("crossings") for h in hist if h["epoch_kind"] == "gate"],
+       "finish_seconds": [h.get("finish_seconds") for h in hist if h["epoch_kind"] == "gate"]}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def float_checkpoint(task: str) -> Path:
+    """The task's float model (trained once with seed 0 on the task's training split, then reused)."""
+    cfg = TASKS[task]
+    path = RESULTS / cfg["ckpt"]
+    if path.exists() or cfg["float"] is None:
+        return path
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from cgmq_cli import checkpoint, data
+    from cgmq_cli.trainer import train_float
+
+    torch.set_num_threads(1)
+    bundle = data.load_data(cfg["data"], None, 0)
+    loader, _ = data.make_loaders(bundle, cfg["float"]["batch"], 0, 0)
+    model = checkpoint.build_arch(cfg["arch"], None)
+    train_float(model, loader, cfg["float"]["epochs"], cfg["float"]["lr"], seed=0)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def old_source(rev: str) -> Path:
+    """The package as of ``rev``, exported (git archive) into a temporary folder."""
+    target = Path(tempfile.gettempdir()) / f"cgmq-old-{rev}"
+    if not (target / "cgmq_cli").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cgmq_cli", "presets", "pyproject.toml"],
+                                 check=True, capture_output=True).stdout
+        with tempfile.NamedTemporaryFile(suffix=".tar") as f:
+            f.write(archive)
+            f.flush()
+            with tarfile.open(f.name) as tar:
+                tar.extractall(target, filter="data")
+    return target
+
+
+def run_one(config: str, task: str, seed: int, args) -> dict:
+    path = CACHE / f"{config}__{task}__s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg = TASKS[task]
+    overrides = CONFIGS[config]
+    spec = {"ckpt": str(float_checkpoint(task)), "arch": cfg["arch"], "data": cfg["data"], "budget": cfg["budget"],
+            "batch": cfg["batch"], "seed": seed, "threads": args.threads, "train": overrides or {}}
+    source = old_source(args.old_rev) if overrides is None else ROOT
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(args.threads)}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT))
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{config} {task} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    result = {"config": config, "task": task, "seed": seed, "overrides": overrides, "threads": args.threads,
+              "process_seconds": time.time() - started, **json.loads(line[len("RESULT "):])}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def report() -> str:
+    runs = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*.json"))]
+    by = {}
+    for r in runs:
+        by.setdefault((r["config"], r["task"]), []).append(r)
+    tasks = [t for t in TASKS if any(k[1] == t for k in by)]
+    configs = [c for c in CONFIGS if any(k[0] == c for k in by)]
+    lines = ["# Recipe sweep", "", "Accuracy (%) on held-out data at 1.0 % relative BOPs after 6 epochs: mean over seeds "
+             "± half the spread (max - min) / 2, seeds in brackets. `epochs` lists the validation accuracy after each "
+             "epoch (mean over seeds). Command: `python benchmarks/recipe.py` (see its docstring). "
+             f"OMP_NUM_THREADS={runs[0]['threads'] if runs else '?'}.", "",
+             "| config | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for c in configs:
+        cells = []
+        for t in tasks:
+            rs = by.get((c, t), [])
+            if not rs:
+                cells.append("")
+                continue
+            accs = [r["accuracy"] for r in rs]
+            spread = (max(accs) - min(accs)) / 2
+            cells.append(f"{statistics.mean(accs):.2f} ± {spread:.2f} [{len(rs)}]")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-epoch validation accuracy (mean over seeds) and cost:", "",
+              "| config | task | rel. BOPs % | within budget | accuracy after each epoch | budget crossings per gate epoch | "
+              "finish s per gate epoch | run s |", "|---|---|---:|---|---|---|---|---:|"]
+    for c in configs:
+        for t in tasks:
+            rs = by.get((c, t), [])
+            if not rs:
+                continue
+            epochs = [statistics.mean(r["epoch_accuracy"][i] for r in rs) for i in range(len(rs[0]["epoch_accuracy"]))]
+            kinds = "".join(k[0] for k in rs[0]["kinds"])
+            cross = "/".join(str(x) for x in rs[0]["crossings"])
+            fin = "/".join("-" if x is None else f"{x:.1f}" for x in rs[0]["finish_seconds"])
+            lines.append(f"| {c} | {t} | {statistics.mean(r['rel_bops'] for r in rs):.3f} | "
+                         f"{'yes' if all(r['feasible'] for r in rs) else 'NO'} | {kinds}: "
+                         + ", ".join(f"{a:.2f}" for a in epochs)
+                         + f" | {cross} | {fin} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="old-code,old")
+    parser.add_argument("--tasks", default="digits,rescnn,fmnist")
+    parser.add_argument("--seeds", default="3", help="N (seeds 0..N-1), or a comma list such as 0,2")
+    parser.add_argument("--fmnist-seeds", default="1", help="seeds for the (slow) fmnist task")
+    parser.add_argument("--old-rev", default=None, help="default: where this branch left main (git merge-base HEAD main)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2-core machine is shared)")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.old_rev is None:
+        args.old_rev = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
+                                      capture_output=True, text=True).stdout.strip()[:12]
+    if not args.report:
+        seeds = lambda s: range(int(s)) if "," not in s else [int(v) for v in s.split(",")]  # noqa: E731
+        for task in args.tasks.split(","):
+            for config in args.configs.split(","):
+                for seed in seeds(args.fmnist_seeds if task == "fmnist" else args.seeds):
+                    r = run_one(config, task, seed, args)
+                    print(f"{config} {task} s{seed}: {r['accuracy']:.2f}% rel {r['rel_bops']:.3f} "
+                          f"{r['seconds']:.0f}s epochs {[round(a, 2) for a in r['epoch_accuracy']]}", flush=True)
+    text = report()
+    (RESULTS / "recipe.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The discrete finish of a gate epoch: widths that hold every budget, planned on one set of predictions.
+
+The gate epoch often ends just over the budget (the gates oscillate across it).
+The finish turns its widths into a feasible assignment in a bounded number of
+moves, from first-order predictions measured once on a fixed probe set::
+
+    pred[t][w] = <dL/dQ_t, Q_t,w(x) - Q_t,b(x)>    (loss change of moving tensor t to width w)
+
+Predictions add up over tensors (first order), so a plan of several moves is
+scored without probing again:
+
+* :func:`repair`: while a budget is violated, lower the tensor (to any lower
+  width) with the smallest predicted loss increase per unit of cost saved in
+  the *violated* budgets. A move that saves nothing there is never scored
+  (a halving into a tied cost-table entry is looked past, to the next width
+  that saves); only when no single move saves anything is a width lowered
+  without saving (the one predicted cheapest, to its minimum), on the way to
+  the all-minimum point.
+* :func:`fill`: while some tensor can be raised within every budget, make the
+  raise with the largest predicted loss *decrease* per unit of cost added;
+  a raise that is not predicted to lower the loss is never made.
+* :func:`confirm`: after probing once more at the planned widths, undo fills
+  that the new predictions say cost loss (it only lowers widths: still feasible).
+
+Termination: repair only lowers widths and fill only raises them, at least one
+width step per move, so each makes at most ``sum_t (len(allowed_t) - 1)``
+moves; the loops are written with that bound. Repair ends within budget
+because every metric is non-decreasing in every width (the registry's rule,
+cost tables are validated for it) and the all-minimum point is feasible
+(compress refuses infeasible budgets before training).
+
+:func:`constraint_repair` is the plain CGGD finish (steps along the cost
+directions only); it is bounded too, and hands over to :func:`repair` with a
+note when the cost directions stall (a zero slope, e.g. tied table entries).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from cgmq_cli.cgmq import CostModel, Tensor, Widths, descend, unit
+
+Predictions = Mapping[str, Mapping[int, float]]  # quantizer key -> width -> predicted loss change from the probed point
+
+
+@dataclass(frozen=True)
+class Move:
+    tensor: str  # quantizer key
+    label: str  # what it quantizes
+    old: int
+    new: int
+    predicted_dloss: float  # first-order loss change of this move
+    note: str = ""  # why a move that the rule alone would not make was made
+
+
+def width_steps(tensors: list[Tensor], widths: Widths, down: bool) -> int:
+    """How many single width steps the tensors can still take downwards (or upwards): the loops' bound."""
+    return sum(t.quantizer.allowed.index(widths[t.key]) if down
+               else len(t.quantizer.allowed) - 1 - t.quantizer.allowed.index(widths[t.key]) for t in tensors)
+
+
+def _delta(pred: Predictions, t: Tensor, old: int, new: int) -> float:
+    table = pred.get(t.key, {})
+    return float(table.get(new, 0.0)) - float(table.get(old, 0.0))
+
+
+def _moved(widths: Widths, t: Tensor, width: int) -> Widths:
+    return {**widths, t.key: width}
+
+
+def repair(tensors: list[Tensor], costs: CostModel, widths: Widths, pred: Predictions) -> tuple[Widths, list[Move]]:
+    """Lower widths until every budget holds, cheapest predicted loss per cost saved in the violated budgets first."""
+    widths, moves = dict(widths), []
+    for _ in range(width_steps(tensors, widths, down=True) + 1):
+        violated = costs.violated(widths)
+        if not violated:
+            return widths, moves
+        move = _best_saving(tensors, costs, widths, pred, violated) or _unlock(tensors, widths, pred)
+        if move is None:
+            break
+        moves.append(move)
+        widths[move.tensor] = move.new
+    raise RuntimeError("repair: a budget is violated with every tensor at its narrowest width; "
+                       "the feasibility check before training should have refused this budget")
+
+
+def _best_saving(tensors: list[Tensor], costs: CostModel, widths: Widths, pred: Predictions,
+                 violated: Mapping[str, float]) -> Move | None:
+    best, best_key = None, None
+    for t in tensors:
+        cur = widths[t.key]
+        for new in reversed([w for w in t.quantizer.allowed if w < cur]):  # nearest first: ties keep the smaller jump
+            saved = costs.saving(widths, _moved(widths, t, new), violated)
+            if saved <= 0:
+                continue  # saves nothing where it matters: look further down
+            d = _delta(pred, t, cur, new)
+            key = d / saved
+            if best_key is None or key < best_key:
+                best, best_key = Move(t.key, t.label, cur, new, d), key
+    return best
+
+
+def _unlock(tensors: list[Tensor], widths: Widths, pred: Predictions) -> Move | None:
+    """No single move saves in a violated budget (only joint ones do, e.g. a table rewarding 2x2 alone):
+    lower the tensor whose drop to its minimum is predicted cheapest. Progress toward the all-minimum point."""
+    options = [(_delta(pred, t, widths[t.key], t.quantizer.allowed[0]), i, t) for i, t in enumerate(tensors)
+               if widths[t.key] > t.quantizer.allowed[0]]
+    if not options:
+        return None
+    d, _, t = min(options, key=lambda o: (o[0], o[1]))
+    return Move(t.key, t.label, widths[t.key], t.quantizer.allowed[0], d,
+                note="saves nothing alone; no single move saved in the violated budgets")
+
+
+def fill(tensors: list[Tensor], costs: CostModel, widths: Widths, pred: Predictions) -> tuple[Widths, list[Move]]:
+    """Raise widths while every budget holds, largest predicted loss decrease per cost added first.
+
+    Only raises predicted to lower the loss (``pred < 0``) are made; a raise that
+    adds no cost at all ranks before any that does.
+    """
+    widths, moves = dict(widths), []
+    for _ in range(width_steps(tensors, widths, down=False) + 1):
+        best, best_key = None, None
+        for t in tensors:
+            cur = widths[t.key]
+            for new in [w for w in t.quantizer.allowed if w > cur]:
+                after = _moved(widths, t, new)
+                if costs.violated(after):
+                    break  # costs only grow with the width
+                d = _delta(pred, t, cur, new)
+                if not d < 0:
+                    continue
+                added = costs.share(widths, after)
+                key = (added <= 0, -d if added <= 0 else -d / added)
+                if best_key is None or key > best_key:
+                    best, best_key = Move(t.key, t.label, cur, new, d), key
+        if best is None:
+            return widths, moves
+        moves.append(best)
+        widths[best.tensor] = best.new
+    raise AssertionError("fill made more moves than there are width steps")  # unreachable: each move raises a width
+
+
+def confirm(tensors: list[Tensor], widths: Widths, before_fill: Widths, pred: Predictions) -> tuple[Widths, list[Move]]:
+    """Undo fills that a second probe, taken at the filled widths, predicts to have raised the loss.
+
+    For each filled tensor, the width between its pre-fill and its filled width
+    with the lowest predicted loss is kept. Lowering never breaks a budget.
+    """
+    widths, moves = dict(widths), []
+    for t in tensors:
+        cur, old = widths[t.key], before_fill[t.key]
+        if cur <= old:
+            continue
+        choices = [w for w in t.quantizer.allowed if old <= w < cur]
+        best = min(choices, key=lambda w: (_delta(pred, t, cur, w), -w))
+        d = _delta(pred, t, cur, best)
+        if d < 0:
+            moves.append(Move(t.key, t.label, cur, best, d, note="undone: the confirming probe predicts the fill raised the loss"))
+            widths[t.key] = best
+    return widths, moves
+
+
+def constraint_repair(tensors: list[Tensor], costs: CostModel, widths_of: Callable[[], Widths], eta: float,
+                      max_steps: int | None = None) -> tuple[Widths, str | None]:
+    """Plain CGGD finish: step the gates along the violated budgets' cost directions until every budget holds.
+
+    Bounded: at most ``max_steps`` steps (default: enough for every gate to cross
+    its whole range ``len(tensors)`` times over). Returns the widths and None, or
+    the widths reached and a note saying why it stopped early (a zero cost slope,
+    or the bound): then the caller finishes with :func:`repair`.
+    """
+    if max_steps is None:
+        span = max((math.log2(t.quantizer.allowed[-1] / t.quantizer.allowed[0]) for t in tensors), default=0.0)
+        max_steps = max(1, math.ceil(span / eta)) * max(1, len(tensors))
+    widths = widths_of()
+    for _ in range(max_steps):
+        violated = costs.violated(widths)
+        if not violated:
+            return widths, None
+        step = sum(unit(costs.gradient(name, tensors, widths)) for name in violated)
+        if not any(s > 0 and t.quantizer.neighbour(-1) is not None for t, s in zip(tensors, step.tolist())):
+            return widths, ("the constraint finish stalled: no violated budget's cost falls along its gradient "
+                            "(a zero slope, e.g. tied cost-table entries); finished with repair")
+        descend(tensors, step, eta)
+        widths = widths_of()
+    if not costs.violated(widths):
+        return widths, None
+    return widths, f"the constraint finish did not meet the budget within {max_steps} steps; finished with repair"

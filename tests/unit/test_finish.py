@@ -1,0 +1,208 @@
+"""The discrete finish: the four faults a review reproduced (regression tests), and its guarantees.
+
+Each fault test, written against the finish as it was (commit 4b6c13f: cgmq.repair/fill with a
+probe per move), failed there: 1 raised "repair found no width to lower", 2 never returned, 3
+lowered the activations although only weight bytes were violated, 4 made 6 fill moves predicted
++5.0 each. Faults 1 and 2 as a user met them: tests/integration/test_compress.py.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+from torch import nn
+
+from cgmq_cli import cgmq, finish, models, qmodel
+from cgmq_cli.cost import Budget
+from cgmq_cli.profiles import HardwareProfile
+
+# A cost table whose entries tie: halving a 16-bit weight to 8 bits saves nothing.
+TIED = HardwareProfile(name="tied", weight_bits=(4, 8, 16), act_bits=(8,), input_bits=8,
+                       cost_table={(4, 8): 0.5, (8, 8): 1.0, (16, 8): 1.0})
+
+
+def _tied_digits() -> qmodel.QuantizedModel:
+    """DigitsCNN under TIED: MACs 337,536, so the minimum cost (all 4x8) is 168,768 and all 16x8 is 337,536."""
+    torch.manual_seed(0)
+    qm = qmodel.prepare(models.DigitsCNN(), (1, 8, 8), widths_for=TIED.widths_for, input_bits=8)
+    qm.calibrate(torch.randn(16, 1, 8, 8))
+    return qm
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(64, 256)
+        self.small = nn.Linear(256, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.relu(self.big(x)))
+
+
+def _two_layers() -> qmodel.QuantizedModel:
+    torch.manual_seed(0)
+    qm = qmodel.prepare(TwoLayers(), (64,), input_bits=8)
+    qm.calibrate(torch.randn(32, 64))
+    return qm
+
+
+def _flat(tensors, down: float, up: float, widths) -> dict:
+    """Predictions: every lower width costs ``down`` per step, every higher one ``up`` per step."""
+    out = {}
+    for t in tensors:
+        allowed = t.quantizer.allowed
+        here = allowed.index(widths[t.key])
+        out[t.key] = {w: (down if i < here else up) * abs(i - here) for i, w in enumerate(allowed)}
+    return out
+
+
+def _within(seconds: float, fn):
+    """Run ``fn``; a TimeoutError if it has not returned after ``seconds`` (a hang fails the test)."""
+    def expire(*_):
+        raise TimeoutError(f"did not return within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- the four faults ---------------------------------------------------------------------------------
+
+def test_fault1_repair_looks_past_tied_table_entries() -> None:
+    qm = _tied_digits()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(cost=300000), TIED.mac_cost)
+    widths = qm.widths()
+    assert costs.summary(widths).cost == 337536 and costs.violated(widths)
+    bits, moves = finish.repair(tensors, costs, widths, _flat(tensors, 1.0, -1.0, widths))
+    assert not costs.violated(bits) and moves
+    assert all(m.new == 4 and m.old == 16 for m in moves)  # 16 -> 8 saves nothing: repair goes on to 4
+
+
+def test_fault2_constraint_finish_ends_on_tied_table_entries() -> None:
+    """The cost slope at a tie was 0 and the stuck check needed every tensor at its minimum: it never
+    returned. Now the slope looks past the tie (16 -> 8 saves nothing, 8 -> 4 does) and the loop is bounded."""
+    qm = _tied_digits()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(cost=300000), TIED.mac_cost)
+    grad = costs.gradient("cost", tensors, qm.widths())
+    assert float(grad.min()) > 0  # every free gate (the weights at 16 bits) is pushed down
+    widths, note = _within(10, lambda: finish.constraint_repair(tensors, costs, qm.widths, eta=0.05))
+    assert note is None and not costs.violated(widths)
+
+
+def test_constraint_finish_hands_over_to_repair_when_no_slope_is_left() -> None:
+    """A table that rewards only 4x4: no single width changes a cost, every slope is 0. The constraint
+    finish stops at once with a note; repair (which may lower a width that saves nothing alone) ends it."""
+    qm, profile = _joint_only()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(cost=50), profile.mac_cost)
+    widths, note = _within(10, lambda: finish.constraint_repair(tensors, costs, qm.widths, eta=0.05))
+    assert costs.violated(widths) and "finished with repair" in note
+    bits, moves = finish.repair(tensors, costs, widths, _flat(tensors, 1.0, -1.0, widths))
+    assert not costs.violated(bits) and any(m.note for m in moves)
+
+
+def _joint_only():
+    profile = HardwareProfile(name="joint", weight_bits=(4, 8), act_bits=(4, 8), input_bits=8,
+                              cost_table={(4, 4): 0.5, (4, 8): 1.0, (8, 4): 1.0, (8, 8): 1.0})
+    torch.manual_seed(0)
+    qm = qmodel.prepare(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), (6,),
+                        widths_for=profile.widths_for, input_bits=8)
+    qm.calibrate(torch.randn(16, 6))
+    return qm, profile  # MACs 36 + 18: 8x8 everywhere costs 54, the minimum (4x4 at the second layer) 45
+
+
+def test_fault3_repair_counts_savings_in_violated_budgets_only() -> None:
+    qm = _two_layers()  # all 32 bits: relative BOPs 100 % is met, 64 KiB of weights is not
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0, weight_bytes=30000), None)
+    widths = qm.widths()
+    assert list(costs.violated(widths)) == ["weight_bytes"]
+    pred = _flat(tensors, 1.0, -1.0, widths)
+    for t in tensors:  # lowering an activation is predicted free: the old repair took those first
+        if t.quantizer.kind == "act":
+            pred[t.key] = {w: 0.0 for w in t.quantizer.allowed}
+    bits, moves = finish.repair(tensors, costs, widths, pred)
+    assert not costs.violated(bits) and moves
+    assert {m.tensor for m in moves} <= {"w_big", "w_small"}
+    assert all(bits[t.key] == 32 for t in tensors if t.quantizer.kind == "act")
+
+
+def test_fault4_fill_makes_no_move_predicted_to_raise_the_loss() -> None:
+    qm = _two_layers()
+    qm.set_bits({"big": (4, 8), "small": (4, 4)})
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=20000), None)  # activations cost no bytes
+    widths = qm.widths()
+    bits, moves = finish.fill(tensors, costs, widths, _flat(tensors, -5.0, 5.0, widths))  # every raise: +5
+    assert moves == [] and bits == widths
+    # the same zero-cost raises, now predicted to help: fill makes them (and keeps the budget)
+    bits, moves = finish.fill(tensors, costs, widths, _flat(tensors, 1.0, -1.0, widths))
+    assert {m.tensor for m in moves} >= {"a_relu"} and not costs.violated(bits)
+    assert all(m.predicted_dloss < 0 for m in moves)
+
+
+# -- the guarantees ------------------------------------------------------------------------------------
+
+def test_repair_lowers_a_width_that_saves_nothing_alone_when_only_joint_moves_save() -> None:
+    qm, profile = _joint_only()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(cost=50), profile.mac_cost)
+    widths = qm.widths()
+    bits, moves = finish.repair(tensors, costs, widths, _flat(tensors, 1.0, -1.0, widths))
+    assert not costs.violated(bits)
+    assert any(m.note for m in moves)  # the unlocking move says why it was made
+
+
+def test_repair_and_fill_are_bounded_by_width_steps() -> None:
+    qm = _two_layers()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
+    widths = qm.widths()
+    steps = finish.width_steps(tensors, widths, down=True)
+    bits, repaired = finish.repair(tensors, costs, widths, _flat(tensors, 1.0, -1.0, widths))
+    assert not costs.violated(bits) and len(repaired) <= steps
+    bits2, filled = finish.fill(tensors, costs, bits, _flat(tensors, 1.0, -1.0, bits))
+    assert len(filled) <= finish.width_steps(tensors, bits, down=False) and not costs.violated(bits2)
+    for t in tensors:  # after fill no raise fits any more
+        for w in (w for w in t.quantizer.allowed if w > bits2[t.key]):
+            assert costs.violated({**bits2, t.key: w})
+
+
+def test_repair_prefers_cheapest_predicted_loss_per_cost_saved() -> None:
+    qm = _two_layers()
+    qm.set_bits({"big": (8, 8), "small": (8, 8)})  # 6.25 % relative BOPs
+    tensors = cgmq.free_tensors(qm)
+    widths = qm.widths()
+    pred = _flat(tensors, 10.0, -1.0, widths)
+    pred["w_big"] = {w: 0.0 for w in pred["w_big"]}  # lowering big's weight is predicted free
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=6.2), None)
+    _, moves = finish.repair(tensors, costs, widths, pred)
+    assert moves[0].tensor == "w_big" and moves[0].label == "weight of big" and moves[0].old == 8
+
+
+def test_confirm_undoes_fills_that_the_second_probe_calls_harmful() -> None:
+    qm = _two_layers()
+    qm.set_bits({"big": (4, 8), "small": (4, 4)})
+    tensors = cgmq.free_tensors(qm)
+    before = qm.widths()
+    filled = {**before, "w_small": 16, "a_relu": 8}
+    pred = {t.key: {w: 0.0 for w in t.quantizer.allowed} for t in tensors}
+    pred["w_small"] = {2: 1.0, 4: -0.5, 8: -0.2, 16: 0.0, 32: 0.0}  # going back to 4 is predicted to help
+    widths, undone = finish.confirm(tensors, filled, before, pred)
+    assert widths["w_small"] == 4 and widths["a_relu"] == 8
+    assert [(m.tensor, m.old, m.new) for m in undone] == [("w_small", 16, 4)] and undone[0].note
+
+
+def test_constraint_finish_reaches_a_bops_budget_without_help() -> None:
+    qm = _two_layers()
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
+    bits, note = finish.constraint_repair(tensors, costs, qm.widths, eta=0.05)
+    assert note is None and not costs.violated(bits)

@@ -1,0 +1,131 @@
+"""The finish's probes: one fixed seeded set, exact first-order predictions, re-calibration, fp32 gate passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cgmq_cli import probes, qmodel
+from cgmq_cli.cost import Budget
+from cgmq_cli.quant import functional as F
+from cgmq_cli.trainer import TrainConfig, Trainer
+
+
+def _setup(loss_fn=None, **config):
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 12), torch.randint(0, 3, (96,))
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    qm = qmodel.prepare(model, (12,), input_bits=8)
+    qm.calibrate(x)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    cfg = TrainConfig(**{"epochs": 2, "gate_steps": 4, "probe_batches": 3, **config})
+    trainer = Trainer(qm, loader, loader, Budget(rel_bops=3.0), cfg, loss_fn=loss_fn, seed=5)
+    return qm, trainer, loader
+
+
+def test_probe_set_is_fixed_and_seeded() -> None:
+    _, trainer, loader = _setup()
+    a, b = trainer.probe_set(1), trainer.probe_set(1)
+    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    other = trainer.probe_set(3)
+    assert not torch.equal(torch.cat([p[0] for p in a]), torch.cat([p[0] for p in other]))
+    # under torchrun, the ranks split one sample between them
+    whole = probes.probe_set(loader, 4, 5, 1)
+    halves = [probes.probe_set(loader, 2, 5, 1, world=2, rank=r) for r in (0, 1)]
+    rows = lambda batches: {tuple(r.tolist()) for b in batches for r in b[0]}  # noqa: E731
+    assert rows(halves[0]) | rows(halves[1]) == rows(whole) and not rows(halves[0]) & rows(halves[1])
+
+
+def test_table_probe_is_the_first_order_change_of_each_width() -> None:
+    qm, trainer, _ = _setup()
+    qm.set_bits({"0": (8, 8), "2": (4, 4)})
+    batches = trainer.probe_set(0)
+    pred, used = trainer.predict(batches)
+    assert used == 3
+    # oracle for the hidden activation (input of layer 2): <dL/dQ, Q_w(h) - Q_4(h)> by hand
+    qs = qm.tensor_quantizers()
+    q = qs["a__1"]
+    layer0, layer2 = qm.gm.get_submodule("0"), qm.gm.get_submodule("2")
+    w0 = qs["w_0"].quantize(layer0.weight.detach(), 8)
+    w2 = qs["w_2"].quantize(layer2.weight.detach(), 4)
+    expected = {w: 0.0 for w in q.allowed}
+    for x, y in batches:
+        with torch.no_grad():
+            h = torch.relu(nn.functional.linear(qs["a_input_1"].quantize(x, 8), w0, layer0.bias))
+        hq = q.quantize(h, 4).detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(nn.functional.linear(hq, w2, layer2.bias.detach()), y)
+        (g,) = torch.autograd.grad(loss, hq)
+        for w in q.allowed:
+            expected[w] += float((g * (q.quantize(h, w) - q.quantize(h, 4)).detach()).sum()) / len(batches)
+    for w in q.allowed:
+        assert pred["a__1"][w] == pytest.approx(expected[w], rel=1e-4, abs=1e-7)
+    assert pred["a__1"][4] == 0.0 and pred["a__1"][2] > 0  # 2 bits is predicted to cost loss
+
+
+def test_predictions_average_over_the_batches_really_used() -> None:
+    calls = {"n": 0}
+
+    def second_is_nan(out, y):
+        calls["n"] += 1
+        return nn.functional.cross_entropy(out, y) * (math.nan if calls["n"] == 2 else 1.0)
+
+    qm, trainer, _ = _setup(loss_fn=second_is_nan)
+    qm.set_bits({"0": (8, 8), "2": (4, 4)})
+    batches = trainer.probe_set(0)
+    pred, used = trainer.predict(batches)
+    assert used == 2
+    trainer.loss_fn = nn.functional.cross_entropy
+    clean, n = trainer.predict([batches[0], batches[2]])
+    assert n == 2
+    for key in clean:
+        for w in clean[key]:
+            assert pred[key][w] == pytest.approx(clean[key][w], rel=1e-6, abs=1e-9)
+
+
+def test_finish_probes_one_set_for_every_move() -> None:
+    _, trainer, _ = _setup()
+    seen = []
+    real = trainer.predict
+
+    def spy(batches, tensors=None):
+        seen.append(batches)
+        return real(batches, tensors)
+
+    trainer.predict = spy
+    info = trainer.gate_epoch(0)
+    assert 1 <= len(seen) <= 2 and all(s is seen[0] for s in seen)  # the plan, and at most one confirmation
+    assert info["probe_batches_used"] == 3 and info["finish_seconds"] >= 0
+
+
+def test_finish_recalibrates_switched_widths_and_resets_their_adam_state() -> None:
+    qm, trainer, _ = _setup(recalibrate=True)
+    trainer.weight_epoch(1)  # every tensor trained at 32 bits: widths {32}; Adam state for the weights
+    wq = qm.tensor_quantizers()["w_0"]
+    weight = qm.gm.get_submodule("0").weight
+    with torch.no_grad():
+        weight.mul_(3.0)  # the weights moved since calibration: the old 8-bit step is stale
+    qm.set_bits({"0": (8, 8), "2": (8, 8)})
+    step8 = wq.steps["8"]
+    trainer.optimizer.state[step8] = {"step": torch.tensor(3.0), "exp_avg": torch.ones(()), "exp_avg_sq": torch.ones(())}
+    trainer.state.trained_widths = {k: 32 for k in qm.widths()}
+    trainer._recalibrate(trainer.probe_set(0))
+    assert step8 not in trainer.optimizer.state
+    fresh = F.mse_optimal_step(weight.detach(), 8, True, True, qmax=wq.grid(8)[1]).log()
+    assert torch.allclose(wq.steps["8"].detach(), fresh.reshape(wq.steps["8"].shape))
+
+
+def test_gate_and_probe_passes_never_autocast() -> None:
+    _, trainer, _ = _setup()
+    trainer.amp = True  # as with --amp on CUDA; the flag alone decides what each pass asks for
+    asked = []
+    trainer._forward_loss = lambda model, x, y, amp: (asked.append(amp), nn.functional.cross_entropy(model(x), y))[1]
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.gate_epoch(0)
+    assert asked and not any(asked)
+    asked.clear()
+    trainer.weight_epoch(1)
+    assert asked and all(asked)
