@@ -202,6 +202,8 @@ class Trainer:
         batches of ``batches`` whose loss was finite (and over ranks); also how many were used."""
         tensors = self.tensors if tensors is None else tensors
         keys = [t.key for t in tensors]
+        if not keys:  # every width is fixed: nothing to predict (and no gradient to take)
+            return {}, 0
         allowed = {t.key: t.quantizer.allowed for t in tensors}
         width = max((len(a) for a in allowed.values()), default=0)
         total = torch.zeros((len(keys), width), dtype=torch.float64)

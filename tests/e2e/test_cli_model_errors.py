@@ -274,7 +274,7 @@ def test_corrupt_pt2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["inspect"], "Missing argument"),
+    (["inspect"], "no model given"),  # MODEL may come from cgmq.yaml
     (["inspect", "torchvision:resnet18", "--bogus"], "No such option"),
     (["inspect", "torchvision:resnet18", "--input-shape"], "requires an argument"),
     (["no-such-command"], "No such command"),

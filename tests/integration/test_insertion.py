@@ -347,8 +347,10 @@ def test_inspect_json_torchvision_macs(name: str, macs: int) -> None:
     result = CliRunner().invoke(app, ["inspect", f"torchvision:{name}", "--input-shape", "1,3,224,224", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"layers", "totals"}
-    assert set(data["totals"]) == {"macs", "params", "bops_fp32"}
+    assert set(data) == {"layers", "totals", "float_ops", "notes"}
+    assert set(data["totals"]) == {"macs", "quantized_macs", "coverage", "params", "float_params", "bops_fp32"}
+    assert data["float_ops"] == [] and data["totals"]["coverage"] == 100.0
+    assert data["totals"]["quantized_macs"] == macs
     assert all(set(layer) == {"name", "op", "macs", "params"} for layer in data["layers"])
     assert data["totals"]["macs"] == macs
     assert sum(layer["macs"] for layer in data["layers"]) == macs

@@ -85,7 +85,7 @@ def test_preset_contents():
     assert load_profile("int8-cpu").weight_bits == (8, 32)
     int8 = load_profile("int8-cpu")
     assert int8.act_signedness == "asymmetric" and int8.reduce_range
-    assert int8.integer_ops == ("conv", "linear", "add", "concat", "pooling") and int8.integer_width == 8
+    assert int8.integer_ops == ("conv", "linear", "matmul", "add", "concat", "pooling") and int8.integer_width == 8
     assert load_profile("generic").integer_ops == () and not load_profile("generic").reduce_range
     assert load_profile("lowbit-accel").act_bits == (2, 4, 8)
     mcu = load_profile("mcu-8bit")
