@@ -98,8 +98,12 @@ def main() -> None:
             if key in runs:
                 continue
             runs[key] = {"budget": budget, **run(method, model, bundle, Budget(rel_bops=budget), args.epochs)}
+            if out_path.exists():  # another process may have added runs meanwhile (budgets run in parallel)
+                runs.update({k: v for k, v in json.loads(out_path.read_text()).get("runs", {}).items()
+                             if k not in runs})
             out_path.write_text(json.dumps(done, indent=2) + "\n")
             print(key, {k: v for k, v in runs[key].items() if k != "bits"}, flush=True)
+    done["runs"] = {**json.loads(out_path.read_text()).get("runs", {}), **runs} if out_path.exists() else runs
     (RESULTS / f"{NAME}.md").write_text(markdown(done))
 
 

@@ -55,7 +55,7 @@ FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
     "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
-    "workers": "0 (the default) loads data in the main process", "lr": "the default is 1e-3",
+    "workers": "0 (the default) loads data in the main process", "lr": "the default is 3e-4 (cosine decay)",
     "gate_steps": "the default is 300; 0 means one pass over the data",
 }
 STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
@@ -325,7 +325,9 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 
 
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
-_NEWER = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction")  # absent in older runs
+# Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
+_NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
+          "last_gate_fraction": 1.0}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":
@@ -346,6 +348,8 @@ def from_config(d: Any, where: str) -> "CompressSettings":
         out = {}
         for key in known:
             if key not in mapping:
+                if key in _NEWER:
+                    out[key] = _NEWER[key]
                 if key in _OPTIONAL or key in _NEWER or key == "trust":
                     continue
                 raise UsageError(f"{where}: lacks setting `{prefix}{key}`", "the run directory was damaged or edited")
