@@ -120,6 +120,29 @@ def attr_tensor(gm: nn.Module, target: str) -> torch.Tensor:
         return gm.get_buffer(target)
 
 
+def call_function_for(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Any) -> fx.Node:
+    """Replace the module call ``node`` by ``fn(*args(param))``; ``param(name)`` reads the module's parameter."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(fn, args(lambda name: graph.get_attr(f"{node.target}.{name}")))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def claim_weight(rw: Any, node: Any, mark: Any, op_type: str, index: int) -> Any:
+    """The ONNX consumer that reads weight marker ``node`` as its input ``index`` (of ``op_type``), now
+    written as that layer's compute node with the integer weight codes (axis as stored); None if it is not one."""
+    out = node.output[0]
+    user = rw.sole_consumer(out, mark)
+    if user.op_type != op_type or user.input[index] != out:
+        return None
+    rw.compute_node(user, mark)
+    rw.replace[id(node)] = rw.weight_nodes(mark, out, transposed=False)
+    return user
+
+
 def layer_name(weight_target: str) -> str:
     return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
 

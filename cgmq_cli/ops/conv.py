@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cgmq_cli.errors import TraceError
-from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, integer_type, is_param_attr, layer_name, onnx_input,
-                               per_example, positional, shape_of, weight_shape)
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, call_function_for, claim_weight, integer_type,
+                               is_param_attr, layer_name, onnx_input, per_example, positional, shape_of,
+                               weight_shape)
 
 
 class _Conv(ComputeOp):
@@ -33,16 +34,9 @@ class _Conv(ComputeOp):
         if getattr(module, "padding_mode", "zeros") != "zeros":
             raise TraceError(f"layer `{node.target}` uses padding_mode={module.padding_mode!r}, which cgmq cannot quantize",
                              "use zero padding, or keep its parent untraced with --leaf")
-        graph = gm.graph
-        with graph.inserting_before(node):
-            w = graph.get_attr(f"{node.target}.weight")
-            b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-            new = graph.call_function(self.functional_fn, (node.args[0], w, b, module.stride, module.padding,
-                                                           module.dilation, module.groups))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return new
+        return call_function_for(gm, node, self.functional_fn, lambda param: (
+            node.args[0], param("weight"), param("bias") if module.bias is not None else None, module.stride,
+            module.padding, module.dilation, module.groups))
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Call | None:
         if node.op != "call_function" or node.target not in self.functions:
@@ -66,12 +60,9 @@ class _Conv(ComputeOp):
     # -- ONNX ------------------------------------------------------------------
     def export_weight(self, rw: Any, node: Any, mark: Any) -> bool:
         """Conv reads ``[Cout, Cin/g, k...]`` codes, per output channel (axis 0), and its float bias."""
-        out = node.output[0]
-        user = rw.sole_consumer(out, mark)
-        if user.op_type != "Conv" or user.input[1] != out:
+        user = claim_weight(rw, node, mark, "Conv", 1)
+        if user is None:
             return False
-        rw.compute_node(user, mark)
-        rw.replace[id(node)] = rw.weight_nodes(mark, out, transposed=False)
         if mark.bias is not None and (len(user.input) < 3 or not user.input[2]):
             del user.input[2:]  # torch.onnx dropped an all-zero bias: restore it
             user.input.append(rw.bias_init(mark))

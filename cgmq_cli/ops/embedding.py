@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cgmq_cli.errors import TraceError
-from cgmq_cli.ops.base import Call, ComputeOp, Read, arg, aten, is_param_attr, layer_name, positional
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, call_function_for, claim_weight, is_param_attr,
+                               layer_name, positional)
 
 
 class Embedding(ComputeOp):
@@ -29,14 +30,8 @@ class Embedding(ComputeOp):
         if module.max_norm is not None:
             raise TraceError(f"embedding `{node.target}` renormalises its rows (max_norm), which cgmq cannot quantize",
                              "drop max_norm, or keep its parent untraced with --leaf")
-        graph = gm.graph
-        with graph.inserting_before(node):
-            w = graph.get_attr(f"{node.target}.weight")
-            new = graph.call_function(F.embedding, (node.args[0], w, module.padding_idx))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return new
+        return call_function_for(gm, node, F.embedding, lambda param: (node.args[0], param("weight"),
+                                                                          module.padding_idx))
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Call | None:
         if node.op != "call_function" or node.target not in self.functions:
@@ -57,13 +52,7 @@ class Embedding(ComputeOp):
 
     # -- ONNX ------------------------------------------------------------------
     def export_weight(self, rw: Any, node: Any, mark: Any) -> bool:
-        out = node.output[0]
-        user = rw.sole_consumer(out, mark)
-        if user.op_type != "Gather" or user.input[0] != out:
-            return False
-        rw.compute_node(user, mark)
-        rw.replace[id(node)] = rw.weight_nodes(mark, out, transposed=False)
-        return True
+        return claim_weight(rw, node, mark, "Gather", 0) is not None
 
     def read(self, g: Any, node: Any, batch: int) -> Read | None:
         """A Gather from a rank-2 table that is a float or dequantized constant (not shape arithmetic)."""

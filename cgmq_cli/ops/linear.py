@@ -27,8 +27,8 @@ from onnx import TensorProto as TP
 from onnx import helper
 from torch import fx, nn
 
-from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, integer_type, is_param_attr, layer_name, onnx_input,
-                               per_example, positional, shape_of, weight_shape)
+from cgmq_cli.ops.base import (Call, ComputeOp, Read, arg, aten, call_function_for, integer_type, is_param_attr,
+                               layer_name, onnx_input, per_example, positional, shape_of, weight_shape)
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -51,15 +51,8 @@ class Linear(ComputeOp):
                 "DynamicQuantizeMatMul")
 
     def functionalize(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
-        graph = gm.graph
-        with graph.inserting_before(node):
-            w = graph.get_attr(f"{node.target}.weight")
-            b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-            new = graph.call_function(F.linear, (node.args[0], w, b))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return new
+        return call_function_for(gm, node, F.linear, lambda param: (
+            node.args[0], param("weight"), param("bias") if module.bias is not None else None))
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Call | None:
         if node.op != "call_function" or node.target not in self.functions:

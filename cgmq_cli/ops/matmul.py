@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from cgmq_cli.ops.base import Call, ComputeOp, Read, aten, is_param_attr, layer_name, per_example, shape_of
+from cgmq_cli.ops.base import Call, ComputeOp, Read, aten, claim_weight, is_param_attr, layer_name, per_example, shape_of
 
 _NAMED = "cgmq_name"  # node.meta key: a layer name given by a rewrite (e.g. the attention decomposition)
 
@@ -64,13 +64,7 @@ class MatMul(ComputeOp):
     # -- ONNX ------------------------------------------------------------------
     def export_weight(self, rw: Any, node: Any, mark: Any) -> bool:
         """``x @ W``: MatMul reads the ``[K, N]`` codes per output column (axis 1) directly."""
-        out = node.output[0]
-        user = rw.sole_consumer(out, mark)
-        if user.op_type != "MatMul" or user.input[1] != out:
-            return False
-        rw.compute_node(user, mark)
-        rw.replace[id(node)] = rw.weight_nodes(mark, out, transposed=False)
-        return True
+        return claim_weight(rw, node, mark, "MatMul", 1) is not None
 
     def read(self, g: Any, node: Any, batch: int) -> Read | None:
         """Activation x activation MatMul (a MatMul with a constant operand is a linear layer)."""
