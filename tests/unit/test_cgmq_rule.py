@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from cgmq_cli import cgmq, qmodel
+from cgmq_cli import cgmq
 from cgmq_cli.cost import Budget
-
-
-class TwoLayers(nn.Module):
-    """A costly layer (64x256 MACs) and a cheap one (256x4 MACs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.big = nn.Linear(64, 256)
-        self.small = nn.Linear(256, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.small(torch.relu(self.big(x)))
-
-
-def _prepared() -> qmodel.QuantizedModel:
-    torch.manual_seed(0)
-    qm = qmodel.prepare(TwoLayers(), (64,), input_bits=8)  # big's input is the network input: fixed 8 bits
-    qm.calibrate(torch.randn(32, 64))
-    return qm
+from two_layers import prepared
 
 
 def test_unit_vector_and_direction() -> None:
@@ -39,7 +20,7 @@ def test_unit_vector_and_direction() -> None:
 
 
 def test_costly_layer_loses_bits_first() -> None:
-    qm = _prepared()
+    qm = prepared()
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=5.0), None)
     for step in range(100):  # no loss signal: the cost term alone moves the gates
@@ -56,7 +37,7 @@ def test_costly_layer_loses_bits_first() -> None:
 
 
 def test_loss_term_raises_bits_when_budget_met() -> None:
-    qm = _prepared()
+    qm = prepared()
     qm.set_bits({"big": (4, 8), "small": (4, 4)})
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0), None)
@@ -68,7 +49,7 @@ def test_loss_term_raises_bits_when_budget_met() -> None:
 
 
 def test_weight_bytes_gradient_ignores_activations() -> None:
-    qm = _prepared()
+    qm = prepared()
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=1000), None)
     grad = costs.gradient("weight_bytes", tensors, qm.widths())
@@ -77,7 +58,7 @@ def test_weight_bytes_gradient_ignores_activations() -> None:
 
 
 def test_cost_table_gradient_is_the_slope_to_the_next_width() -> None:
-    qm = _prepared()
+    qm = prepared()
     table = {(bw, ba): bw * ba / 64 + 1.0 for bw in (2, 4, 8, 16, 32) for ba in (2, 4, 8, 16, 32)}
     mac_cost = lambda bw, ba: table[(bw, ba)]  # noqa: E731
     qm.set_bits({"big": (8, 8), "small": (8, 8)})

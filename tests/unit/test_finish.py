@@ -16,6 +16,7 @@ from torch import nn
 from cgmq_cli import cgmq, finish, models, qmodel
 from cgmq_cli.cost import Budget
 from cgmq_cli.profiles import HardwareProfile
+from two_layers import prepared
 
 # A cost table whose entries tie: halving a 16-bit weight to 8 bits saves nothing.
 TIED = HardwareProfile(name="tied", weight_bits=(4, 8, 16), act_bits=(8,), input_bits=8,
@@ -27,23 +28,6 @@ def _tied_digits() -> qmodel.QuantizedModel:
     torch.manual_seed(0)
     qm = qmodel.prepare(models.DigitsCNN(), (1, 8, 8), widths_for=TIED.widths_for, input_bits=8)
     qm.calibrate(torch.randn(16, 1, 8, 8))
-    return qm
-
-
-class TwoLayers(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.big = nn.Linear(64, 256)
-        self.small = nn.Linear(256, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.small(torch.relu(self.big(x)))
-
-
-def _two_layers() -> qmodel.QuantizedModel:
-    torch.manual_seed(0)
-    qm = qmodel.prepare(TwoLayers(), (64,), input_bits=8)
-    qm.calibrate(torch.randn(32, 64))
     return qm
 
 
@@ -119,7 +103,7 @@ def _joint_only():
 
 
 def test_fault3_repair_counts_savings_in_violated_budgets_only() -> None:
-    qm = _two_layers()  # all 32 bits: relative BOPs 100 % is met, 64 KiB of weights is not
+    qm = prepared()  # all 32 bits: relative BOPs 100 % is met, 64 KiB of weights is not
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=100.0, weight_bytes=30000), None)
     widths = qm.widths()
@@ -135,7 +119,7 @@ def test_fault3_repair_counts_savings_in_violated_budgets_only() -> None:
 
 
 def test_fault4_fill_makes_no_move_predicted_to_raise_the_loss() -> None:
-    qm = _two_layers()
+    qm = prepared()
     qm.set_bits({"big": (4, 8), "small": (4, 4)})
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(weight_bytes=20000), None)  # activations cost no bytes
@@ -161,7 +145,7 @@ def test_repair_lowers_a_width_that_saves_nothing_alone_when_only_joint_moves_sa
 
 
 def test_repair_and_fill_are_bounded_by_width_steps() -> None:
-    qm = _two_layers()
+    qm = prepared()
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
     widths = qm.widths()
@@ -176,7 +160,7 @@ def test_repair_and_fill_are_bounded_by_width_steps() -> None:
 
 
 def test_repair_prefers_cheapest_predicted_loss_per_cost_saved() -> None:
-    qm = _two_layers()
+    qm = prepared()
     qm.set_bits({"big": (8, 8), "small": (8, 8)})  # 6.25 % relative BOPs
     tensors = cgmq.free_tensors(qm)
     widths = qm.widths()
@@ -188,7 +172,7 @@ def test_repair_prefers_cheapest_predicted_loss_per_cost_saved() -> None:
 
 
 def test_confirm_undoes_fills_that_the_second_probe_calls_harmful() -> None:
-    qm = _two_layers()
+    qm = prepared()
     qm.set_bits({"big": (4, 8), "small": (4, 4)})
     tensors = cgmq.free_tensors(qm)
     before = qm.widths()
@@ -201,7 +185,7 @@ def test_confirm_undoes_fills_that_the_second_probe_calls_harmful() -> None:
 
 
 def test_constraint_finish_reaches_a_bops_budget_without_help() -> None:
-    qm = _two_layers()
+    qm = prepared()
     tensors = cgmq.free_tensors(qm)
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
     bits, note = finish.constraint_repair(tensors, costs, qm.widths, eta=0.05)
