@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # torch-heavy modules: imported where settings are built, not
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
+# The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
+RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill")
+PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
 # least gate_steps batches, whichever is longer).
@@ -61,7 +64,7 @@ HINTS = {
 STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
 FINISH = ("repair-fill", "constraint")
 LR_SCHEDULES = ("cosine", "constant")
-BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay")
+BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay", "measured_fill")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 MAX_INPUT_ELEMENTS = 2**27  # one example input of at most 128 Mi elements (512 MiB of float32)
 MAX_TEXT = 4096
@@ -209,7 +212,7 @@ def check_setting(key: str, value: Any, where: str) -> Any:
         if key == "finish" and text not in FINISH:
             raise _bad(where, value, f"expected {' or '.join(FINISH)}", "the default is repair-fill")
         if key == "lr_schedule" and text not in LR_SCHEDULES:
-            raise _bad(where, value, f"expected {' or '.join(LR_SCHEDULES)}", f"the default is {TrainConfig.lr_schedule}")
+            raise _bad(where, value, f"expected {' or '.join(LR_SCHEDULES)}", f"the default is {LR_SCHEDULES[0]}")
         if key == "device" and not DEVICE.fullmatch(text):
             raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
         return text
@@ -283,9 +286,10 @@ def _train_config(values: dict) -> "TrainConfig":
     from cgmq_cli.trainer import TrainConfig
 
     base = TrainConfig()
+    recipe = {key: values[key] for key in RECIPE_KEYS if values.get(key) is not None}
     return TrainConfig(epochs=values.get("epochs", base.epochs), lr=values.get("lr", base.lr),
                        gate_steps=base.gate_steps if values.get("gate_steps") is None else values["gate_steps"],
-                       finish=values.get("finish") or base.finish, device=values.get("device") or base.device)
+                       finish=values.get("finish") or base.finish, device=values.get("device") or base.device, **recipe)
 
 
 def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True) -> "CompressSettings":
@@ -327,7 +331,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
-          "last_gate_fraction": 1.0}
+          "last_gate_fraction": 1.0, "measured_fill": False}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

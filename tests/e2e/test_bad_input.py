@@ -107,6 +107,9 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("budgets: [1, 2]\n", "budgets"),
     ("budgets: {bops: lots}\n", "budgets.bops"),
     ("- a\n- b\n", "mapping"),
+    ("lr_schedule: linear\n", "lr_schedule"),
+    ("measured_fill: maybe\n", "measured_fill"),
+    ("last_gate_fraction: 0\n", "last_gate_fraction"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:
@@ -122,6 +125,19 @@ def test_project_keys_accept_yaml_forms(digits_ckpt: str, tmp_path: Path, monkey
     (tmp_path / "cgmq.yaml").write_text("lr: 1e-3\nepochs: '2'\nweight_bits: 8\nact_bits: [4, 8]\n"
                                         "input_shape: [1, 1, 8, 8]\nleaf: []\nbudgets: {bops: 1e3}\n")
     one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits"), EXIT_INFEASIBLE, "budget bops")
+
+
+def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's promise: the recipe's switches can be set in cgmq.yaml."""
+    from cgmq_cli.settings import RECIPE_KEYS, resolve_compress
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
+                                        "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\n")
+    train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
+    assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
+        "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
+        "last_gate_fraction": 0.5, "measured_fill": False}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------
