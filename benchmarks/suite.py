@@ -352,7 +352,10 @@ def main() -> None:
     table = summarize(rows)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": rows}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(name, meta, table, rows))
-    plot(table, RESULTS / f"{name}.png", float_acc)
+    try:
+        plot(table, RESULTS / f"{name}.png", float_acc)
+    except ImportError:  # the tables above are the results; the figure needs the plot extra
+        print("no figure: pip install -e '.[plot]' for matplotlib", file=sys.stderr)
     print((RESULTS / f"{name}.md").read_text())
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     recalibrate: bool = False  # a width the finish switches to gets a fresh MSE step and Adam state
     gate_eta_decay: bool = False  # eta falls linearly to 0 over each gate epoch
     last_gate_fraction: float = 1.0  # the last gate epoch's length as a fraction of the others'
+    measured_fill: bool = False  # spend budget the fill left on raises that lower the measured probe-set loss
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
@@ -224,6 +225,20 @@ class Trainer:
         total = self.dist.mean(total / max(used, 1))
         return probes.as_predictions(keys, allowed, total), used
 
+    def probe_loss(self, batches: list[probes.Batch], widths: cgmq.Widths) -> float:
+        """The mean loss over the finite-loss batches of ``batches`` at ``widths`` (over every rank's); the
+        model's widths are left at ``widths``. No finite batch: +inf (so no move is ever measured as a gain)."""
+        self.qm.set_widths(widths)
+        self.qm.gm.eval()
+        total, used = 0.0, 0
+        with torch.no_grad():
+            for x, y in batches:
+                loss = self._forward_loss(self.qm.gm, x, y, False)
+                if bool(torch.isfinite(loss)):
+                    total, used = total + float(loss), used + 1
+        total, used = self.dist.sum(torch.tensor([total, float(used)], dtype=torch.float64)).tolist()
+        return total / used if used > 0 else math.inf
+
     # -- epochs ----------------------------------------------------------------
     def gate_epoch(self, epoch: int) -> dict:
         """Move the gates by the rule for one pass (at least ``gate_steps`` batches), then finish."""
@@ -284,6 +299,10 @@ class Trainer:
                 self.qm.set_widths(widths)
                 pred, _ = self.predict(batches)
                 widths, undone = finish.confirm(self.tensors, widths, repaired_widths, pred)
+            if cfg.measured_fill:
+                widths, spent = finish.spend(self.tensors, self.costs, widths, lambda w: self.probe_loss(batches, w),
+                                             self.probe_loss(batches, widths))
+                filled = filled + spent
         self.qm.set_widths(widths)
         self.dist.check_same(list(self.qm.widths().values()), "the widths after a gate epoch")
         if cfg.recalibrate:

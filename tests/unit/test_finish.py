@@ -190,3 +190,84 @@ def test_constraint_finish_reaches_a_bops_budget_without_help() -> None:
     costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
     bits, note = finish.constraint_repair(tensors, costs, qm.widths, eta=0.05)
     assert note is None and not costs.violated(bits)
+
+
+# -- spend: the budget the predicted fill left, on raises whose measured loss falls --------------------
+
+def _counting(loss_of):
+    """A loss_at that counts its calls."""
+    calls = []
+
+    def loss_at(widths):
+        calls.append(dict(widths))
+        return loss_of(widths)
+    return loss_at, calls
+
+
+def test_spend_raises_while_the_measured_loss_falls_and_keeps_the_budget() -> None:
+    qm = prepared()
+    qm.set_bits({"big": (2, 8), "small": (2, 2)})
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
+    widths = qm.widths()
+    loss_of = lambda w: sum(1.0 / w[t.key] for t in tensors)  # noqa: E731  every raise helps
+    loss_at, calls = _counting(loss_of)
+    bits, moves = finish.spend(tensors, costs, widths, loss_at, loss_of(widths))
+    assert moves and not costs.violated(bits)
+    assert all(m.predicted_dloss < 0 and m.note and m.new > m.old for m in moves)
+    for t in tensors:  # nothing that fits is left: the next width of every tensor breaks the budget
+        up = [w for w in t.quantizer.allowed if w > bits[t.key]]
+        assert not up or costs.violated({**bits, t.key: up[0]})
+    assert len(calls) <= len(tensors) + (len(tensors) + 1) * len(moves)  # one per tensor, then a few per raise
+
+
+def test_spend_makes_no_raise_that_does_not_lower_the_measured_loss() -> None:
+    qm = prepared()
+    qm.set_bits({"big": (2, 8), "small": (2, 2)})
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
+    widths = qm.widths()
+    flat = lambda w: 1.0  # noqa: E731  no raise changes the loss
+    assert finish.spend(tensors, costs, widths, flat, 1.0) == (widths, [])
+    worse = lambda w: sum(w.values())  # noqa: E731  every raise costs loss
+    assert finish.spend(tensors, costs, widths, worse, worse(widths)) == (widths, [])
+
+
+def test_spend_takes_the_largest_measured_fall_per_cost_first() -> None:
+    qm = prepared()
+    qm.set_bits({"big": (2, 8), "small": (2, 2)})
+    tensors = cgmq.free_tensors(qm)
+    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
+    widths = qm.widths()
+    # only small's weight matters (a cheap layer): its raise comes first although big's would fit too
+    loss_of = lambda w: 1.0 / w["w_small"] + 1e-6 / w["w_big"]  # noqa: E731
+    _, moves = finish.spend(tensors, costs, widths, loss_of, loss_of(widths))
+    assert moves[0].tensor == "w_small"
+
+
+def test_measured_fill_is_recorded_in_the_finish_history() -> None:
+    """Through the trainer: the spent raises are fills with their measured loss change and a note.
+    The probes predict no change for any move (as after weight epochs, where they are near 0): the
+    predicted fill makes nothing, and what is filled is what the measured loss asked for."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cgmq_cli.trainer import TrainConfig, Trainer
+
+    qm = prepared()  # every width 32: the labels are the float model's, so raises bring it closer to them
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)
+    y = qm.gm(x).argmax(1)
+    qm.set_bits({"big": (2, 8), "small": (2, 2)})
+    before = qm.widths()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = Trainer(qm, loader, loader, Budget(rel_bops=2.0), TrainConfig(probe_batches=2, measured_fill=True))
+    trainer.predict = lambda batches, tensors=None: ({}, len(batches))
+    info = trainer.finish(0)
+    assert info["load_after_finish"] <= 1.0
+    measured = [m for m in info["filled"] if m["note"].startswith("measured")]
+    assert measured and all(m["predicted_dloss"] < 0 for m in measured)
+    assert trainer.probe_loss(trainer.probe_set(0), qm.widths()) < trainer.probe_loss(trainer.probe_set(0), before)
+    off = Trainer(qm, loader, loader, Budget(rel_bops=2.0), TrainConfig(probe_batches=2, measured_fill=False))
+    off.predict = trainer.predict
+    qm.set_widths(before)
+    assert off.finish(0)["filled"] == [] and qm.widths() == before
