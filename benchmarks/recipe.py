@@ -43,7 +43,7 @@ TASKS = {
                    ckpt="fmnist-holdout-float-seed0.pt", budget=1.0, batch=128, float=dict(epochs=8, lr=1e-3, batch=128)),
 }
 OLD = dict(lr=1e-3, lr_schedule="constant", gate_weights=False, recalibrate=False, gate_eta_decay=False,
-           last_gate_fraction=1.0, measured_fill=False)
+           last_gate_fraction=1.0, measured_fill=False, epochs_per_round=3)
 CONFIGS: dict[str, dict | None] = {
     "old-code": None,  # the previous code and its defaults
     "old": OLD,  # the previous recipe with the new finish
@@ -60,7 +60,7 @@ def add_config(name: str, base: str, **changes) -> None:
 
 
 add_config("cos3e-4+measured", "cos3e-4", measured_fill=True)
-add_config("cos3e-4+r1", "cos3e-4", rounds=1)
+add_config("cos3e-4+r1", "cos3e-4", rounds=1)  # one gate epoch in 6: the default since (epochs_per_round 6)
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"

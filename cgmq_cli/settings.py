@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # torch-heavy modules: imported where settings are built, not
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
-RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill")
+RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
+               "epochs_per_round")
 PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
@@ -51,7 +52,7 @@ PROJECT_KEYS += RECIPE_KEYS
 INT_RANGES = {
     "epochs": (1, 10_000), "batch_size": (1, 65_536), "subset": (1, 1_000_000_000), "seed": (0, 2**32 - 1),
     "workers": (0, 256), "gate_steps": (0, 1_000_000), "probe_batches": (1, 10_000),
-    "max_bad_batches": (1, 1_000_000), "rounds": (0, 10_000),
+    "max_bad_batches": (1, 1_000_000), "rounds": (0, 10_000), "epochs_per_round": (1, 10_000),
 }
 FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
                 "last_gate_fraction": (0.0, 1.0)}  # lower bound exclusive
@@ -331,7 +332,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
-          "last_gate_fraction": 1.0, "measured_fill": False}
+          "last_gate_fraction": 1.0, "measured_fill": False, "epochs_per_round": 3}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

@@ -46,7 +46,8 @@ class TrainConfig:
     finish: str = "repair-fill"  # or "constraint" (plain CGGD)
     max_bad_batches: int = 20
     device: str = "cpu"
-    rounds: int | None = None  # (gate, weight) rounds; None: max(1, epochs // 3); 0: plain QAT
+    rounds: int | None = None  # (gate, weight) rounds; None: max(1, epochs // epochs_per_round); 0: plain QAT
+    epochs_per_round: int = 6  # one gate epoch per this many epochs (3 before: a second gate epoch cost accuracy)
     lr_schedule: str = "cosine"  # over every weight-training step of the run; or "constant"
     gate_weights: bool = False  # weights train at the current widths during gate epochs too
     recalibrate: bool = False  # a width the finish switches to gets a fresh MSE step and Adam state
@@ -56,7 +57,7 @@ class TrainConfig:
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
-        rounds = self.rounds if self.rounds is not None else max(1, self.epochs // 3)
+        rounds = self.rounds if self.rounds is not None else max(1, self.epochs // self.epochs_per_round)
         kinds = ["gate", "weight"] * rounds
         return (kinds + ["weight"] * self.epochs)[: self.epochs]
 

@@ -133,11 +133,11 @@ def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monk
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
-                                        "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\n")
+                                        "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n")
     train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
     assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
         "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
-        "last_gate_fraction": 0.5, "measured_fill": False}
+        "last_gate_fraction": 0.5, "measured_fill": False, "epochs_per_round": 3}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------

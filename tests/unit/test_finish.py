@@ -271,3 +271,19 @@ def test_measured_fill_is_recorded_in_the_finish_history() -> None:
     off.predict = trainer.predict
     qm.set_widths(before)
     assert off.finish(0)["filled"] == [] and qm.widths() == before
+
+
+# -- the schedule ----------------------------------------------------------------------------------
+
+def test_one_gate_epoch_per_round_of_six_and_older_runs_keep_theirs() -> None:
+    from cgmq_cli.settings import from_config, resolve_compress
+    from cgmq_cli.trainer import TrainConfig
+
+    assert TrainConfig(epochs=6).schedule() == ["gate"] + ["weight"] * 5
+    assert TrainConfig(epochs=12).schedule() == (["gate", "weight"] * 2 + ["weight"] * 8)
+    assert TrainConfig(epochs=6, epochs_per_round=3).schedule() == ["gate", "weight"] * 2 + ["weight"] * 2
+    assert TrainConfig(epochs=2).schedule() == ["gate", "weight"]
+    saved = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}, project_file=False).as_dict()
+    assert from_config(saved, "config.json").train.schedule() == TrainConfig().schedule()
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k not in ("epochs_per_round", "measured_fill")}}
+    assert from_config(older, "config.json").train.epochs_per_round == 3  # a resumed older run: two gate epochs in 6
