@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, checkpoint, cost, data, distributed, rundir, safe_load
+from cgmq_cli import __version__, api, atomic, checkpoint, cost, data, distributed, rundir, safe_load
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import (CgmqError, CheckpointError, DataError, InfeasibleBudgetError, InterruptedRun,
                              OutputError, TrainingError, UsageError)
@@ -243,8 +243,8 @@ def _start_run_dir(settings: CompressSettings, run_dir: Path, force: bool, ctx: 
     def start() -> rundir.RunDir:
         run = rundir.prepare(run_dir, force, input_paths(settings))
         try:
-            rundir.write_json(run_dir / "config.json", files["config"])
-            rundir.write_text(run_dir / "profile.yaml", files["profile"])
+            atomic.write_json(run_dir / "config.json", files["config"])
+            atomic.write_text(run_dir / "profile.yaml", files["profile"])
         except BaseException:
             run.discard()
             raise
@@ -390,7 +390,7 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
                      tensors)
     if ctx.is_main:
         save_model(run_dir / "model.pt", qm, run.id if run is not None else None)
-        rundir.write_json(run_dir / "report.json", report)
+        atomic.write_json(run_dir / "report.json", report)
         note = rundir.point_latest(run_dir)
         if note:
             on_event(Event("info", state.epoch, {"message": note}))
@@ -399,7 +399,7 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
 
 
 def _save_checkpoint(run_dir: Path, qm: QuantizedModel, state: TrainState, seconds: float, run_id: str = "") -> None:
-    rundir.save_torch(run_dir / "checkpoint.pt", {
+    atomic.save_torch(run_dir / "checkpoint.pt", {
         "model": qm.gm.state_dict(), "epoch": state.epoch, "history": state.history,
         "optimizer": state.optimizer, "bad_batches": state.bad_batches, "seconds": seconds, "run": run_id or None,
         "trained_widths": state.trained_widths})
@@ -430,7 +430,7 @@ def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
 
 def save_model(path: Path, qm: QuantizedModel, run_id: str | None = None) -> None:
     """The compressed model: full state (folded weights, steps, gates), the integer widths and the run's id."""
-    rundir.save_torch(path, {"format": MODEL_FORMAT, "state_dict": qm.gm.state_dict(), "widths": qm.widths(),
+    atomic.save_torch(path, {"format": MODEL_FORMAT, "state_dict": qm.gm.state_dict(), "widths": qm.widths(),
                              "bits": {k: list(v) for k, v in qm.bits().items()}, "run": run_id})
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from cgmq_cli import data, rundir
+from cgmq_cli import atomic, data, rundir
 from cgmq_cli.compress import load_run
 from cgmq_cli.errors import CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError, os_error
 from cgmq_cli.export import onnx_qdq, verify
@@ -132,7 +132,7 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int | None = None, 
             notify(f"note: {exc.message}; exporting without a lock")
     try:
         for target in targets:
-            rundir.clean_stale(target.parent)
+            atomic.clean_stale(target.parent)
         if opset is None:
             opset = onnx_qdq.PORTABLE_OPSET if portable else DEFAULT_OPSET
         options = ExportOptions(portable=portable, allow_float_fallback=allow_float_fallback)

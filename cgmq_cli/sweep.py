@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from cgmq_cli import __version__, rundir
+from cgmq_cli import __version__, atomic, rundir
 from cgmq_cli.budget import BUDGET_KEYS, Budget
 from cgmq_cli.errors import CgmqError, UsageError
 from cgmq_cli.sanitize import short
@@ -204,15 +204,15 @@ class _Sweep:
 
     def write(self, complete: bool = False) -> dict:
         table = self.table(complete)
-        rundir.write_json(self.out / SWEEP_FILE, table)
+        atomic.write_json(self.out / SWEEP_FILE, table)
         return table
 
     def finish(self) -> SweepResult:
         from cgmq_cli import report as rep
 
         table = self.write(complete=True)
-        rundir.write_text(self.out / "sweep.md", rep.sweep_markdown(table))
-        rundir.write_text(self.out / "sweep.csv", rep.sweep_csv(table))
+        atomic.write_text(self.out / "sweep.md", rep.sweep_markdown(table))
+        atomic.write_text(self.out / "sweep.csv", rep.sweep_csv(table))
         try:
             rep.sweep_plot(table, self.out / "sweep.png")
         except UsageError as exc:  # matplotlib missing: the tables are written, the plot is not
@@ -304,7 +304,7 @@ def is_sweep(path: Path) -> bool:
 def read_sweep(path: Path) -> dict:
     """sweep.json with the fields the renderers read present and well typed."""
     file = Path(path) / SWEEP_FILE
-    table = rundir.read_json(file)
+    table = atomic.read_json(file)
     bad = UsageError(f"{file} is not a cgmq sweep table; the sweep directory was damaged or edited", "sweep again")
     if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("points"), list) \
             or table.get("key") not in BUDGET_KEYS:

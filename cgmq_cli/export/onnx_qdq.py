@@ -55,7 +55,7 @@ from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, r
 from cgmq_cli.graph import passes
 from cgmq_cli.ops.base import attr_tensor
 from cgmq_cli.quant.functional import FLOAT_BITS
-from cgmq_cli.rundir import temp_file
+from cgmq_cli.atomic import temp_file
 
 MIN_AGREEMENT = 99.9  # percent top-1 agreement with PyTorch an export must reach
 PARITY_EXAMPLES = 64  # random inputs when no validation data is given

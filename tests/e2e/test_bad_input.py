@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgmq_cli import api, rundir
+from cgmq_cli import api, atomic, rundir
 from cgmq_cli.errors import EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_INTERRUPTED
 from cgmq_cli.models import DigitsCNN
 from cli_helpers import ARCH, FAST, cli, one_line_error, snapshot
@@ -227,7 +227,7 @@ def test_checkpoint_from_another_run(run_copy: Path) -> None:
 
 def test_disk_full_during_compress_keeps_the_last_checkpoint(digits_ckpt: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    original = rundir.atomic_write
+    original = atomic.atomic_write
     seen = {"checkpoint.pt": 0}
 
     def flaky(path, write):  # noqa: ANN001
@@ -241,13 +241,13 @@ def test_disk_full_during_compress_keeps_the_last_checkpoint(digits_ckpt: str, t
                 return original(path, full)
         return original(path, write)
 
-    monkeypatch.setattr(rundir, "atomic_write", flaky)
+    monkeypatch.setattr(atomic, "atomic_write", flaky)
     out = tmp_path / "run"
     _hinted(_compress(digits_ckpt, out, "--budget-rel-bops", "5", "--epochs", "2"), EXIT_BAD_INPUT,
             "checkpoint.pt", "cgmq compress --resume")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0  # the previous checkpoint, whole
     assert [p.name for p in out.iterdir() if p.suffix == ".tmp"] == [] and not (out / "report.json").exists()
-    monkeypatch.setattr(rundir, "atomic_write", original)
+    monkeypatch.setattr(atomic, "atomic_write", original)
     resumed = cli("compress", "--resume", out, "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["epochs"] == 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cgmq_cli import rundir
+from cgmq_cli import atomic, rundir
 from cgmq_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from cli_helpers import ARCH, FAST, cli, one_line_error, snapshot
 
@@ -249,18 +249,18 @@ def test_sigterm_during_export_exits_130_and_leaves_no_temporary(run_copy: Path,
 
 
 def test_a_refused_run_leaves_no_directory(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = rundir.atomic_write
+    original = atomic.atomic_write
 
     def full_disk(path, write):  # noqa: ANN001
         if Path(path).name == "config.json":
             raise rundir.os_error(OSError(28, os.strerror(28)), path)
         return original(path, write)
 
-    monkeypatch.setattr(rundir, "atomic_write", full_disk)
+    monkeypatch.setattr(atomic, "atomic_write", full_disk)
     out = tmp_path / "new" / "deep" / "run"
     one_line_error(_compress(digits_ckpt, out), EXIT_BAD_INPUT, "No space left on device", "config.json")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(rundir, "atomic_write", original)
+    monkeypatch.setattr(atomic, "atomic_write", original)
     loss = tmp_path / "loss.py"
     loss.write_text("def bad(out, y):\n    raise ValueError('broken loss')\n")
     one_line_error(_compress(digits_ckpt, out, "--loss", f"{loss}:bad"), EXIT_BAD_INPUT, "broken loss")
