@@ -1,4 +1,4 @@
-"""Typer app: arguments -> api -> rendering. The one error boundary.
+"""Typer app: arguments -> api -> rendering, inside the one error boundary (:mod:`cgmq_cli.boundary`).
 
 Domain errors (:class:`CgmqError`) become ``error: <message>`` and an optional
 ``hint: ...`` on stderr with the kind's exit code; any other exception is an
@@ -10,9 +10,7 @@ it has one (check, verify, sweep). Set ``CGMQ_DEBUG=1`` to see tracebacks.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -20,239 +18,14 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from cgmq_cli import __version__, api, render
-from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, CheckFailedError,
-                             InterruptedRun, UsageError, os_error)
+from cgmq_cli.boundary import CgmqGroup, OptionalValue, terminate_as_interrupt
+from cgmq_cli.errors import CheckFailedError, UsageError
 from cgmq_cli.sanitize import clean
 
 # Nothing here imports torch, onnx or onnxruntime at start-up: `cgmq --help`, `profiles`, `report` and
 # `check` never need them (tests/e2e/test_startup.py); the commands that do import them through api.
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("CGMQ_DEBUG", "") not in ("", "0")
-
-
-def _click_modules() -> list[Any]:
-    """The click that typer runs on: typer >= 0.22 vendors its own (``typer._click``), older typer the package.
-
-    The ``click`` package is imported only when typer has no vendored copy (it costs start-up time).
-    """
-    try:
-        import typer._click.exceptions as vendored
-
-        return [vendored] + ([sys.modules["click.exceptions"]] if "click.exceptions" in sys.modules else [])
-    except ImportError:
-        pass
-    try:
-        import click.exceptions
-    except ImportError:
-        return []
-    return [click.exceptions]
-
-
-def _click_flow() -> tuple[type[BaseException], ...]:
-    """Exceptions that are click's control flow (usage errors, --help, exits): they pass the boundary."""
-    flow: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort)
-    typer_exc = getattr(getattr(typer, "exceptions", None), "TyperException", None)
-    if typer_exc is not None:
-        flow += (typer_exc,)
-    for module in _click_modules():
-        flow += tuple(getattr(module, name) for name in ("Exit", "ClickException", "Abort") if hasattr(module, name))
-    return flow
-
-
-_CLICK_FLOW = _click_flow()
-
-
-def _usage_error_types() -> tuple[type[BaseException], ...]:
-    """click's usage errors (bad or missing flags and values)."""
-    return tuple(module.UsageError for module in _click_modules())
-
-
-_USAGE_ERRORS = _usage_error_types()
-
-
-_SIGNALLED = {"seen": False}  # a real SIGINT/SIGTERM reached this process (not a KeyboardInterrupt raised in code)
-
-
-def _quiet_after_interrupt() -> None:
-    """After the first Ctrl-C / SIGTERM is handled, further ones must not interrupt the shutdown (atexit hooks)."""
-    if not _SIGNALLED["seen"]:
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread
-            signal.signal(sig, signal.SIG_IGN)
-
-
-def wants_json(args: List[str]) -> bool:
-    """Whether the command line asks for JSON on stdout (``--json``, ``--format json``, ``--format=json``)."""
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if arg in ("--json", "--format=json") or (arg == "--format" and args[i + 1:i + 2] == ["json"]):
-            return True
-    return False
-
-
-class _PlainCoercion:
-    """typer's coercion of one ``str``/``int``/``float``/``bool``/``Path`` parameter (or a list of them), without pydantic.
-
-    typer 0.2x coerces every parameter through a pydantic TypeAdapter; importing
-    pydantic costs about 0.1 s of every command's start-up. For these plain
-    types the result (and the error text) is the same; parameters of any other
-    type, or a typer without this hook, keep typer's own coercion.
-    """
-
-    MESSAGES = {int: "Input should be a valid integer, unable to parse string as an integer",
-                float: "Input should be a valid number, unable to parse string as a number"}
-    BOOLEAN = {**dict.fromkeys(("1", "true", "t", "yes", "y", "on"), True),
-               **dict.fromkeys(("0", "false", "f", "no", "n", "off"), False)}
-
-    def __init__(self, kind: type) -> None:
-        self.kind = kind
-
-    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-        many = param.multiple or param.nargs == -1
-        if value is None:
-            return () if many else None
-        if many:
-            if isinstance(value, str):
-                raise _bad_parameter("Value must be an iterable.", ctx, param)
-            return [self._one(v, param, ctx) for v in value]
-        return self._one(value, param, ctx)
-
-    def _one(self, value: Any, param: Any, ctx: Any) -> Any:
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            word = str(value).strip().lower()
-            if word in self.BOOLEAN:
-                return self.BOOLEAN[word]
-            raise _bad_parameter("Input should be a valid boolean, unable to interpret input", ctx, param)
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            return value
-        try:
-            return self.kind(value.strip() if self.kind in (int, float) and isinstance(value, str) else value)
-        except (TypeError, ValueError, OverflowError):
-            raise _bad_parameter(self.MESSAGES.get(self.kind, f"Value {value!r} is not a valid {self.kind.__name__}."),
-                                 ctx, param) from None
-
-
-def _bad_parameter(message: str, ctx: Any, param: Any) -> BaseException:
-    for module in _click_modules():
-        if hasattr(module, "BadParameter"):
-            return module.BadParameter(message, ctx=ctx, param=param)
-    return UsageError(message)
-
-
-def _plain_param(param: Any) -> Any:
-    import typing
-
-    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
-    if typing.get_origin(annotation) is list:
-        annotation = (typing.get_args(annotation) or (None,))[0]
-    if annotation in (str, int, float, bool, Path) and getattr(param, "_runtime_param", "absent") is None:
-        param._runtime_param = _PlainCoercion(annotation)
-    return param
-
-
-def _plain_coercion(command: Any) -> Any:
-    """Give ``command``'s plain-typed parameters (``--help`` too) :class:`_PlainCoercion`; others are left alone."""
-    for param in getattr(command, "params", ()):
-        _plain_param(param)
-    original = getattr(command, "get_help_option", None)
-    if original is not None and not getattr(original, "cgmq_plain", False):
-        def get_help_option(ctx: Any) -> Any:
-            return _plain_param(original(ctx))
-
-        get_help_option.cgmq_plain = True  # type: ignore[attr-defined]
-        command.get_help_option = get_help_option
-    return command
-
-
-class CgmqGroup(TyperGroup):
-    """Runs every command inside the error boundary (also under CliRunner).
-
-    CgmqError -> its one line and exit code; click usage errors -> one line, exit 2;
-    OSError -> one line with the errno text, exit 2; sys.exit from user code -> exit 2
-    (never one of cgmq's own codes); Ctrl-C -> exit 130; anything else is a bug (exit 1).
-    With ``--json`` each of them also prints one JSON object on stdout.
-    """
-
-    def parse_args(self, ctx: typer.Context, args: List[str]) -> List[str]:
-        ctx.meta["cgmq_json"] = wants_json(list(args))
-        _plain_coercion(self)
-        return super().parse_args(ctx, args)
-
-    def get_command(self, ctx: typer.Context, name: str) -> Any:
-        return _plain_coercion(super().get_command(ctx, name))
-
-    def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CgmqError as exc:
-            if debug_enabled():
-                raise
-            if isinstance(exc, InterruptedRun):
-                _quiet_after_interrupt()
-            self._fail(ctx, exc.message, exc.hint, exc.exit_code, exc.result)
-        except KeyboardInterrupt:
-            _quiet_after_interrupt()
-            self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
-        except _USAGE_ERRORS as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                raise
-            command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "cgmq"
-            self._fail(ctx, exc.format_message(), f"see `{command} --help`", EXIT_BAD_INPUT)
-        except _CLICK_FLOW:  # --help, exits: click/typer handle them
-            raise
-        except SystemExit as exc:  # only user code (an arch, loss or data file) calls sys.exit inside a command
-            if debug_enabled():
-                raise
-            self._fail(ctx, f"code cgmq imported called sys.exit({exc.code!r})",
-                       "an --arch, --loss or --data module must not exit", EXIT_BAD_INPUT)
-        except OSError as exc:
-            if debug_enabled():
-                raise
-            error = os_error(exc, action="read or write")
-            self._fail(ctx, error.message, error.hint, EXIT_BAD_INPUT)
-        except Exception as exc:
-            if debug_enabled():
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self._fail(ctx, f"internal error: {type(exc).__name__}: {first[:300]}",
-                       "this is a bug in cgmq; rerun with CGMQ_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
-
-    @staticmethod
-    def _fail(ctx: typer.Context, message: str, hint: str | None, code: int, result: dict | None = None) -> None:
-        """The one place a failure is rendered: stderr lines always, one JSON object on stdout under --json."""
-        render.error(message, hint)
-        if ctx.meta.get("cgmq_json"):
-            render.json_error(clean(message), clean(hint) if hint else None, code, result)
-        ctx.exit(code)
-
-
-class OptionalValue(TyperCommand):
-    """A command whose options named in ``OPTIONAL`` may be given without a value (then they get "").
-
-    ``cgmq export --onnx`` writes the default path; ``--onnx PATH`` that path.
-    A following token that starts with ``-`` is the next option, not the value.
-    """
-
-    OPTIONAL = ("--onnx",)
-
-    def parse_args(self, ctx: typer.Context, args: List[str]) -> List[str]:
-        fixed: List[str] = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                fixed.extend(args[i:])
-                break
-            bare = arg in self.OPTIONAL and (i + 1 == len(args) or args[i + 1].startswith("-"))
-            fixed.append(f"{arg}=" if bare else arg)
-        return super().parse_args(ctx, fixed)
 
 
 app = typer.Typer(
@@ -429,11 +202,11 @@ def compress(
             raise UsageError(f"--resume continues a run with its saved settings; it cannot be combined with {flag}",
                              "drop the other flags, or start a new run")
         run_dir = rundir.resolve_run(resume)
-        with _terminate_as_interrupt(), render.TrainProgress() as progress:
+        with terminate_as_interrupt(), render.TrainProgress() as progress:
             result = api.resume(run_dir, progress, trust=trust_checkpoint, notify=render.info)
     else:
         request = settings.resolve_compress(flags, budget_flags)
-        with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+        with terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
             result = api.compress(request, progress, force=force)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
@@ -493,7 +266,7 @@ def sweep(
     request = settings.resolve_compress(flags, fixed)
     stem = Path(request.model.split(":")[-1]).stem or "model"
     target = Path(out) if out else Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"  # not cgmq.yaml's out
-    with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+    with terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
         if max_accuracy_drop is None:
             result = api.sweep(request, key, values, target, progress, render.info, force)
         else:
@@ -518,38 +291,6 @@ def _show_sweep(table: dict, path: Path) -> None:
 
     files = [name for name in ("sweep.json", "sweep.md", "sweep.csv", "sweep.png") if (path / name).is_file()]
     render.show(*rep.sweep_table(table), f"wrote {', '.join(str(path / f) for f in files)}")
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (CI cancel, kill) behaves like Ctrl-C: stop at once, keep the last checkpoint.
-
-    Only the first signal interrupts; later ones (a double Ctrl-C) are ignored while
-    cgmq cleans up and exits, so no traceback comes out of a cleanup or atexit hook.
-    """
-    interrupted = False
-
-    def handler(signum, frame):  # noqa: ANN001
-        nonlocal interrupted
-        if interrupted:
-            return
-        interrupted = _SIGNALLED["seen"] = True
-        raise KeyboardInterrupt
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. some test runners)
-            pass
-    try:
-        yield
-    finally:
-        if interrupted:
-            _quiet_after_interrupt()
-        else:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 def _load_reports(runs: Optional[List[str]]) -> list[tuple[Path, dict]]:
@@ -679,7 +420,7 @@ def export(
     if portable and opset is not None and opset > 21:
         raise UsageError(f"--portable writes opset 21 or older, not --opset {opset}", "drop --opset, or use 21 or lower")
     run_dir = api.resolve(run)
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         result = api.export(run_dir, onnx_path or None, opset, float_path, benchmark, force, trust_checkpoint,
                             render.info, portable=portable, allow_float_fallback=allow_float_fallback)
     if as_json:
@@ -744,12 +485,12 @@ def demo(
                 f"--budget-rel-bops {budget:g} --epochs {epochs} --out {out_dir}")
     request = api.settings(str(float_path), data="digits", out=str(out_dir), arch="cgmq_cli.models:DigitsCNN",
                            budget_rel_bops=budget, batch_size=32, epochs=epochs)
-    with _terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
+    with terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
         result = api.compress(request, progress, force=force)
     render.info(f"3/4 cgmq report {out_dir}")
     render.show(*rep.blocks(result.report))
     render.info(f"4/4 cgmq export {out_dir} --onnx (verified in onnxruntime)")
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         render.export_summary(api.export(out_dir, None))
 
 
