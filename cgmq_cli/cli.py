@@ -307,7 +307,7 @@ def report(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: bits per layer, each layer's share of BOPs and why these bits (a sweep: accuracy against cost)."),
 ) -> None:
     """Show a run's per-layer widths, cost against each budget and accuracy (or a sweep's table)."""
-    from cgmq_cli import report as rep
+    from cgmq_cli import report as rep, report_explain as why
 
     if as_json:
         if fmt not in ("table", "json"):
@@ -328,16 +328,16 @@ def report(
     if explain:
         if len(reports) > 1:
             raise UsageError("--explain shows one run; pass a single run directory")
-        text = {"json": None, "csv": rep.explain_csv, "markdown": rep.explain_markdown}
-        rep.explained(reports[0], str(dirs[0]))  # a run without `tensors` is one line before any output
+        text = {"json": None, "csv": why.explain_csv, "markdown": why.explain_markdown}
+        why.explained(reports[0], str(dirs[0]))  # a run without `tensors` is one line before any output
     if plot is not None:
         rep.plot(reports, plot)
         render.info(f"wrote {plot}")
     if explain:
         if fmt == "json":
-            render.json_out({"run": reports[0]["run"], "tensors": rep.explained(reports[0], str(dirs[0]))})
+            render.json_out({"run": reports[0]["run"], "tensors": why.explained(reports[0], str(dirs[0]))})
         elif fmt == "table":
-            render.show(*rep.explain_table(reports[0], str(dirs[0])))
+            render.show(*why.explain_table(reports[0], str(dirs[0])))
         else:
             sys.stdout.write(text[fmt](reports[0], str(dirs[0])))
     elif fmt == "json":
