@@ -111,6 +111,15 @@ def run_uniform(ctx, budget, seed, recipe=QAT) -> dict:
     return _fixed(ctx, budget, seed, lambda qm: baselines.uniform_bits(qm, budget), recipe)
 
 
+def run_uniform4(ctx, budget, seed, recipe=QAT) -> dict:
+    """Every weight and activation at 4 bits (what a user of a fixed-width QAT tool would pick), if it fits."""
+    def pick(qm):
+        bits = baselines.uniform_widths(qm, 4, 4)
+        qm.set_widths(bits)
+        return bits if budget.is_satisfied_by(qm.cost()) else None
+    return _fixed(ctx, budget, seed, pick, recipe)
+
+
 def run_sensitivity(ctx, budget, seed, recipe=QAT) -> dict:
     batches = [b for b, _ in zip(ctx["loaders"][0], range(8))]
     return _fixed(ctx, budget, seed, lambda qm: baselines.sensitivity_bits(qm, budget, batches), recipe)
@@ -299,6 +308,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--no-method-cost", action="store_true", help="skip the step-time / latency measurement")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the tables from the runs already cached under <name>-runs; run nothing new")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TASKS[args.task]
@@ -327,7 +338,8 @@ def main() -> None:
     methods = args.methods.split(",")
     rows = []
     runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
-               "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe}
+               "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
+               "uniform4": run_uniform4, "uniform4-recipe": lambda ctx, budget, seed: run_uniform4(ctx, budget, seed, {})}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
@@ -337,6 +349,8 @@ def main() -> None:
             for method in [m for m in methods if m in runners]:
                 budget = Budget(rel_bops=budget_pct)
                 run = lambda: runners[method](ctx, budget, seed)  # noqa: E731
+                if args.cached_only and not (runs_dir / f"{method}__{budget_pct:g}__s{seed}.json").exists():
+                    continue
                 result = run() if method == "penalty" else cache(f"{method}__{budget_pct:g}__s{seed}", run)
                 rows.append({"method": method, "budget": budget_pct, "seed": seed, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "tried")}), flush=True)
