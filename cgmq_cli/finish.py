@@ -28,6 +28,8 @@ scored without probing again:
   leaves budget unused that a wider tensor would turn into accuracy; measuring
   the loss of each candidate, as AIMET's and MCT's mixed-precision searches do,
   sees the gain of a large step (2 -> 4 bits) that a linearisation misses.
+  Off by default (``measured_fill``): on full Fashion-MNIST at 1.73 % it spent
+  the budget (1.09 -> 1.69 %) for +0.01 points after the weight epochs.
 
 Termination: repair only lowers widths and fill and spend only raise them, at
 least one width step per move, so each makes at most ``sum_t (len(allowed_t) - 1)``
