@@ -67,14 +67,16 @@ def test_report_shows_a_sweep(swept) -> None:
 
 def test_target_meets_the_drop(digits_ckpt: str, tmp_path: Path) -> None:
     out = tmp_path / "target"
+    # The allowed drop is wide (3 points) because a 2-epoch run's accuracy differs between processes by a
+    # point (360 validation images, oneDNN's thread order): the test is about the search, not the accuracy.
     result = cli("sweep", digits_ckpt, "--arch", ARCH, *TINY, "--budgets", "rel_bops=0.6,4", "--max-accuracy-drop",
-                 "1", "--out", out, "--json")
+                 "3", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
     chosen = table["target"]["chosen"]
     assert table["mode"] == "target" and table["runs"] <= 6 and chosen is not None
     point = next(p for p in table["points"] if p["value"] == chosen)
-    assert point["drop"] <= 1 and point["meets_drop"] and point["cost"]["rel_bops"] <= chosen
+    assert point["drop"] <= 3 and point["meets_drop"] and point["cost"]["rel_bops"] <= chosen
     assert all((out / p["run"] / "report.json").is_file() for p in table["points"])  # every run kept
     assert all(p["value"] >= chosen or not p["meets_drop"] for p in table["points"])  # the smallest that met it
 
