@@ -204,12 +204,16 @@ def _counting(loss_of):
     return loss_at, calls
 
 
-def test_spend_raises_while_the_measured_loss_falls_and_keeps_the_budget() -> None:
+def _narrow():
+    """TwoLayers at 2-bit weights (small's input at 2 bits too) under a 2 % BOPs budget: room to raise."""
     qm = prepared()
     qm.set_bits({"big": (2, 8), "small": (2, 2)})
     tensors = cgmq.free_tensors(qm)
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
-    widths = qm.widths()
+    return tensors, cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None), qm.widths()
+
+
+def test_spend_raises_while_the_measured_loss_falls_and_keeps_the_budget() -> None:
+    tensors, costs, widths = _narrow()
     loss_of = lambda w: sum(1.0 / w[t.key] for t in tensors)  # noqa: E731  every raise helps
     loss_at, calls = _counting(loss_of)
     bits, moves = finish.spend(tensors, costs, widths, loss_at, loss_of(widths))
@@ -222,11 +226,7 @@ def test_spend_raises_while_the_measured_loss_falls_and_keeps_the_budget() -> No
 
 
 def test_spend_makes_no_raise_that_does_not_lower_the_measured_loss() -> None:
-    qm = prepared()
-    qm.set_bits({"big": (2, 8), "small": (2, 2)})
-    tensors = cgmq.free_tensors(qm)
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
-    widths = qm.widths()
+    tensors, costs, widths = _narrow()
     flat = lambda w: 1.0  # noqa: E731  no raise changes the loss
     assert finish.spend(tensors, costs, widths, flat, 1.0) == (widths, [])
     worse = lambda w: sum(w.values())  # noqa: E731  every raise costs loss
@@ -234,11 +234,7 @@ def test_spend_makes_no_raise_that_does_not_lower_the_measured_loss() -> None:
 
 
 def test_spend_takes_the_largest_measured_fall_per_cost_first() -> None:
-    qm = prepared()
-    qm.set_bits({"big": (2, 8), "small": (2, 2)})
-    tensors = cgmq.free_tensors(qm)
-    costs = cgmq.CostModel(qm.shapes, Budget(rel_bops=2.0), None)
-    widths = qm.widths()
+    tensors, costs, widths = _narrow()
     # only small's weight matters (a cheap layer): its raise comes first although big's would fit too
     loss_of = lambda w: 1.0 / w["w_small"] + 1e-6 / w["w_big"]  # noqa: E731
     _, moves = finish.spend(tensors, costs, widths, loss_of, loss_of(widths))
