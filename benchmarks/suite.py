@@ -120,6 +120,10 @@ def run_uniform4(ctx, budget, seed, recipe=QAT) -> dict:
     return _fixed(ctx, budget, seed, pick, recipe)
 
 
+def run_uniform4_recipe(ctx, budget, seed) -> dict:
+    return run_uniform4(ctx, budget, seed, {})
+
+
 def run_sensitivity(ctx, budget, seed, recipe=QAT) -> dict:
     batches = [b for b, _ in zip(ctx["loaders"][0], range(8))]
     return _fixed(ctx, budget, seed, lambda qm: baselines.sensitivity_bits(qm, budget, batches), recipe)
@@ -339,7 +343,7 @@ def main() -> None:
     rows = []
     runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
-               "uniform4": run_uniform4, "uniform4-recipe": lambda ctx, budget, seed: run_uniform4(ctx, budget, seed, {})}
+               "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
@@ -349,9 +353,10 @@ def main() -> None:
             for method in [m for m in methods if m in runners]:
                 budget = Budget(rel_bops=budget_pct)
                 run = lambda: runners[method](ctx, budget, seed)  # noqa: E731
-                if args.cached_only and not (runs_dir / f"{method}__{budget_pct:g}__s{seed}.json").exists():
+                key = f"{method}__{budget_pct:g}__s{seed}"
+                if args.cached_only and not (runs_dir / f"{key}.json").exists():
                     continue
-                result = run() if method == "penalty" else cache(f"{method}__{budget_pct:g}__s{seed}", run)
+                result = run() if method == "penalty" else cache(key, run)
                 rows.append({"method": method, "budget": budget_pct, "seed": seed, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "tried")}), flush=True)
     if "ort-int8" in methods:
