@@ -9,6 +9,8 @@ taken from training state.
 
 from __future__ import annotations
 
+import copy
+
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -117,7 +119,9 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
     if source.fixed_batch is not None:
         raise checkpoint.fixed_batch_error(settings.model, source.fixed_batch)
     bundle = data.load_data(settings.data, settings.subset, settings.seed)
-    qm = api.prepare(model, bundle.sample_shape, settings.leaves, profile, bundle.sample_dtype)
+    # the quantized model shares the float model's parameters; distillation needs the float model as it is
+    shared = copy.deepcopy(model) if settings.train.distill > 0 else model
+    qm = api.prepare(shared, bundle.sample_shape, settings.leaves, profile, bundle.sample_dtype)
     return model, qm, bundle, profile, source
 
 
@@ -311,7 +315,8 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
             qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
         trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
                           profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,
-                          dist=ctx, amp=settings.amp, seed=settings.seed)
+                          dist=ctx, amp=settings.amp, seed=settings.seed,
+                          teacher=model.to(device) if settings.train.distill > 0 else None)
         seconds = _restore(run_dir, qm, trainer) if resume else 0.0
         if not resume:  # everything is checked: only now is the run directory created (or replaced)
             run = _start_run_dir(settings, run_dir, force, ctx, {

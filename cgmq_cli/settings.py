@@ -44,7 +44,7 @@ PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size"
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
 RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
-               "epochs_per_round")
+               "epochs_per_round", "distill")
 PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
@@ -56,11 +56,13 @@ INT_RANGES = {
 }
 FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
                 "last_gate_fraction": (0.0, 1.0)}  # lower bound exclusive
+ZERO_OR_MORE = {"distill": 100.0}  # 0 (off) up to the bound, inclusive
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
     "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
     "workers": "0 (the default) loads data in the main process", "lr": "the default is 3e-4 (cosine decay)",
     "gate_steps": "the default is 300; 0 means one pass over the data",
+    "distill": "0 turns distillation off; 1 weighs it like the task loss",
 }
 STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
 FINISH = ("repair-fill", "constraint")
@@ -93,8 +95,9 @@ def check_int(value: Any, where: str, low: int, high: int, hint: str | None = No
     return number
 
 
-def check_float(value: Any, where: str, low: float, high: float, hint: str | None = None) -> float:
-    """A finite number in (low, high]; numeric strings count (YAML reads ``1e-3`` as a string)."""
+def check_float(value: Any, where: str, low: float, high: float, hint: str | None = None, low_ok: bool = False) -> float:
+    """A finite number in (low, high] (``low_ok``: [low, high]); numeric strings count (YAML reads ``1e-3`` as a string)."""
+    least = f"at least {low:g}" if low_ok else f"greater than {low:g}"
     number: Any = value
     if isinstance(value, str) and len(value) <= 64:
         try:
@@ -102,10 +105,10 @@ def check_float(value: Any, where: str, low: float, high: float, hint: str | Non
         except ValueError:
             number = value
     if isinstance(number, bool) or not isinstance(number, (int, float)):
-        raise _bad(where, value, f"must be a number greater than {low:g} and at most {high:g}", hint)
+        raise _bad(where, value, f"must be a number {least} and at most {high:g}", hint)
     number = float(number)
-    if not math.isfinite(number) or not low < number <= high:
-        raise _bad(where, value, f"must be a finite number greater than {low:g} and at most {high:g}", hint)
+    if not math.isfinite(number) or not (low <= number if low_ok else low < number) or number > high:
+        raise _bad(where, value, f"must be a finite number {least} and at most {high:g}", hint)
     return number
 
 
@@ -199,6 +202,8 @@ def check_setting(key: str, value: Any, where: str) -> Any:
         return check_int(value, where, *INT_RANGES[key], HINTS.get(key))
     if key in FLOAT_RANGES:
         return check_float(value, where, *FLOAT_RANGES[key], HINTS.get(key))
+    if key in ZERO_OR_MORE:
+        return check_float(value, where, 0.0, ZERO_OR_MORE[key], HINTS.get(key), low_ok=True)
     if key in ("weight_bits", "act_bits"):
         return parse_bits(value, where)
     if key == "input_shape":
@@ -332,7 +337,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
-          "last_gate_fraction": 1.0, "measured_fill": False, "epochs_per_round": 3}
+          "last_gate_fraction": 1.0, "measured_fill": False, "epochs_per_round": 3, "distill": 0.0}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

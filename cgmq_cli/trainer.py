@@ -33,53 +33,7 @@ from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import TrainingError
 from cgmq_cli.outputs import logits
 from cgmq_cli.qmodel import QuantizedModel
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 6
-    lr: float = 3e-4  # peak; measured against 1e-3 and 1e-4 on three tasks (benchmarks/results/recipe.md)
-    eta: float = 0.05
-    r: float = 1.5
-    gate_steps: int = 300  # a gate epoch is one pass or at least this many batches
-    probe_batches: int = 8  # the fixed probe set of each finish
-    finish: str = "repair-fill"  # or "constraint" (plain CGGD)
-    max_bad_batches: int = 20
-    device: str = "cpu"
-    rounds: int | None = None  # (gate, weight) rounds; None: max(1, epochs // epochs_per_round); 0: plain QAT
-    epochs_per_round: int = 6  # one gate epoch per this many epochs (3 before: a second gate epoch cost accuracy)
-    lr_schedule: str = "cosine"  # over every weight-training step of the run; or "constant"
-    gate_weights: bool = False  # weights train at the current widths during gate epochs too
-    recalibrate: bool = False  # a width the finish switches to gets a fresh MSE step and Adam state
-    gate_eta_decay: bool = False  # eta falls linearly to 0 over each gate epoch
-    last_gate_fraction: float = 1.0  # the last gate epoch's length as a fraction of the others'
-    measured_fill: bool = False  # spend budget the fill left on raises that lower the measured probe-set loss
-
-    def schedule(self) -> list[str]:
-        """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
-        rounds = self.rounds if self.rounds is not None else max(1, self.epochs // self.epochs_per_round)
-        kinds = ["gate", "weight"] * rounds
-        return (kinds + ["weight"] * self.epochs)[: self.epochs]
-
-    def gate_length(self, batches: int, epoch: int) -> int:
-        """Batches of the gate epoch ``epoch``: one pass or at least ``gate_steps`` (the last one scaled)."""
-        steps = max(batches, self.gate_steps)
-        kinds = self.schedule()
-        last = max((i for i, k in enumerate(kinds) if k == "gate"), default=-1)
-        return max(1, math.ceil(steps * self.last_gate_fraction)) if epoch == last else steps
-
-    def train_steps(self, batches: int) -> list[int]:
-        """Weight-training steps per epoch (the lr schedule's clock)."""
-        return [batches if k == "weight" else self.gate_length(batches, i) if self.gate_weights else 0
-                for i, k in enumerate(self.schedule())]
-
-    def lr_at(self, batches: int, epoch: int, step: int) -> float:
-        """The learning rate of weight-training step ``step`` of epoch ``epoch``."""
-        if self.lr_schedule == "constant":
-            return self.lr
-        steps = self.train_steps(batches)
-        done, total = sum(steps[:epoch]) + step, max(sum(steps), 1)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(done / total, 1.0)))
+from cgmq_cli.schedule import TrainConfig  # noqa: F401  (re-exported: callers import it from here)
 
 
 @dataclass(frozen=True)
@@ -130,8 +84,11 @@ class Trainer:
     def __init__(self, qm: QuantizedModel, train_loader: Any, val_loader: Any, budget: Budget,
                  config: TrainConfig, mac_cost: MacCost | None = None,
                  loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None,
-                 dist: DistContext = DistContext(), amp: bool = False, seed: int = 0) -> None:
+                 dist: DistContext = DistContext(), amp: bool = False, seed: int = 0,
+                 teacher: nn.Module | None = None) -> None:
         self.qm, self.train_loader, self.val_loader = qm, train_loader, val_loader
+        # the float model: weight training also matches its outputs (distill > 0); frozen, never saved
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and config.distill > 0 else None
         self.dist = dist
         self.seed = seed
         self.amp = amp and config.device.startswith("cuda")
@@ -156,20 +113,30 @@ class Trainer:
     def _emit(self, kind: str, epoch: int, /, **data: Any) -> None:
         self.on_event(Event(kind, epoch, data))
 
-    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool,
+                      distill: bool = False) -> torch.Tensor:
+        """The task loss; with ``distill`` (weight training) plus ``config.distill`` times the KL
+        divergence from the float teacher's output distribution (over dim 1) to the model's."""
         dev = self.config.device
+        x = x.to(dev)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            return self.loss_fn(logits(model(x.to(dev))), y.to(dev))
+            out = logits(model(x))
+            loss = self.loss_fn(out, y.to(dev))
+            if distill and self.teacher is not None:
+                with torch.no_grad():
+                    target = logits(self.teacher(x))
+                loss = loss + self.config.distill * kl_to_teacher(out, target)
+        return loss
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None,
-              amp: bool = False) -> torch.Tensor | None:
+              amp: bool = False, distill: bool = False) -> torch.Tensor | None:
         """The batch loss, or None for a non-finite loss (skipped and counted; every rank agrees).
 
         ``amp`` (fp16 autocast) only for weight epochs, whose backward goes through the GradScaler.
         ``max_bad_batches`` non-finite losses in a row abort the run with a
         TrainingError; the checkpoint of the last finished epoch stays as it was.
         """
-        loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp)
+        loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp, distill)
         if self.dist.all_true(bool(torch.isfinite(loss))):
             self._bad_streak = 0
             return loss
@@ -337,7 +304,7 @@ class Trainer:
         steps = len(self.train_loader)
         for i, (x, y) in enumerate(self.train_loader):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(x, y, self.net, amp=True)
+            loss = self._loss(x, y, self.net, amp=True, distill=True)
             if loss is None:
                 continue
             self._set_lr(epoch, i)
@@ -378,6 +345,16 @@ class Trainer:
         up or down, from one probe of a fixed probe set at the final widths (see :mod:`cgmq_cli.explain`)."""
         pred, _ = self.predict(self.probe_set(len(self.config.schedule())))
         return explain.tensor_entries(self.qm, self.costs, pred)
+
+
+def kl_to_teacher(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(out)) over dim 1, averaged over every other position (in float32)."""
+    if out.ndim < 2 or out.shape != target.shape:
+        raise TrainingError(f"distillation needs outputs of the same shape with a class dimension; got {tuple(out.shape)} "
+                            f"and the float model's {tuple(target.shape)}", "set distill: 0 in cgmq.yaml")
+    log_p = torch.log_softmax(target.float(), dim=1)
+    log_q = torch.log_softmax(out.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
 def train_float(model: nn.Module, loader: Any, epochs: int, lr: float, seed: int, device: str = "cpu") -> nn.Module:

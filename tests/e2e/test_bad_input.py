@@ -110,6 +110,8 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("lr_schedule: linear\n", "lr_schedule"),
     ("measured_fill: maybe\n", "measured_fill"),
     ("last_gate_fraction: 0\n", "last_gate_fraction"),
+    ("distill: -1\n", "distill"),
+    ("distill: yes\n", "distill"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:
@@ -133,11 +135,12 @@ def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monk
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
-                                        "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n")
+                                        "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n"
+                                        "distill: 0.5\n")
     train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
     assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
         "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
-        "last_gate_fraction": 0.5, "measured_fill": False, "epochs_per_round": 3}
+        "last_gate_fraction": 0.5, "measured_fill": False, "epochs_per_round": 3, "distill": 0.5}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------

@@ -199,3 +199,47 @@ def test_report_explains_every_tensor(digits_ckpt: str, tmp_path: Path) -> None:
             assert e["cost_down"]["bops"] < 0
     assert entries[0]["label"] == "input of features.0" and not entries[0]["gated"]
     assert any(e["bound_by"] for e in entries)
+
+
+def test_distillation_learns_from_a_float_model_that_stays_as_loaded(digits_ckpt: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill > 0: the weights also match the float model's outputs. The quantized model is built on the float
+    model's parameters, so without a copy the teacher would train along with the student."""
+    from cgmq_cli import trainer as trainer_mod
+
+    seen: dict = {}
+    kl_calls = []
+    real_kl = trainer_mod.kl_to_teacher
+
+    def spy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kl_calls.append(float(real_kl(out, target).detach()))
+        return real_kl(out, target)
+
+    real_init = trainer_mod.Trainer.__init__
+
+    def init(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        real_init(self, *args, **kwargs)
+        seen["teacher"] = self.teacher
+
+    monkeypatch.setattr(trainer_mod, "kl_to_teacher", spy)
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
+    settings = cmp.CompressSettings(model=digits_ckpt, arch=ARCH, data="digits", out=str(tmp_path / "run"),
+                                    budget=Budget(rel_bops=1.0), batch_size=32,
+                                    train=TrainConfig(epochs=2, gate_steps=20, distill=1.0))
+    report = cmp.compress(settings).report
+    assert report["feasible"]
+    loaded = torch.load(digits_ckpt, weights_only=True)
+    teacher = seen["teacher"].state_dict()
+    assert teacher.keys() == loaded.keys() and all(torch.equal(teacher[k], loaded[k]) for k in loaded)
+    batches = -(-int(0.8 * 1797) // 32)
+    assert len(kl_calls) >= batches - 1 and max(kl_calls) > 0  # every weight step, and the 2-bit model differs
+
+
+def test_no_teacher_without_distillation(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli import trainer as trainer_mod
+
+    called = []
+    monkeypatch.setattr(trainer_mod, "kl_to_teacher", lambda out, target: called.append(1))
+    settings = cmp.CompressSettings(model=digits_ckpt, arch=ARCH, data="digits", out=str(tmp_path / "run"),
+                                    budget=Budget(rel_bops=1.0), batch_size=32, train=TrainConfig(epochs=2, gate_steps=20))
+    assert cmp.compress(settings).report["feasible"] and not called

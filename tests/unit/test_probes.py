@@ -122,10 +122,29 @@ def test_gate_and_probe_passes_never_autocast() -> None:
     _, trainer, _ = _setup()
     trainer.amp = True  # as with --amp on CUDA; the flag alone decides what each pass asks for
     asked = []
-    trainer._forward_loss = lambda model, x, y, amp: (asked.append(amp), nn.functional.cross_entropy(model(x), y))[1]
+    trainer._forward_loss = lambda model, x, y, amp, distill=False: (asked.append(amp), nn.functional.cross_entropy(model(x), y))[1]
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.gate_epoch(0)
     assert asked and not any(asked)
     asked.clear()
     trainer.weight_epoch(1)
     assert asked and all(asked)
+
+
+def test_kl_to_teacher() -> None:
+    from cgmq_cli.errors import TrainingError
+    from cgmq_cli.trainer import kl_to_teacher
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 10), torch.randn(4, 10)
+    assert float(kl_to_teacher(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_to_teacher(a + 3.0, a)) == pytest.approx(0.0, abs=1e-6)  # a shift of the logits is the same output
+    expected = torch.nn.functional.kl_div(torch.log_softmax(a, 1), torch.log_softmax(b, 1), log_target=True,
+                                          reduction="batchmean")
+    assert float(kl_to_teacher(a, b)) == pytest.approx(float(expected), rel=1e-5)
+    # dense outputs: the class dimension is 1, every other position is averaged
+    dense_a, dense_b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    flat = kl_to_teacher(dense_a.permute(0, 2, 3, 1).reshape(-1, 3), dense_b.permute(0, 2, 3, 1).reshape(-1, 3))
+    assert float(kl_to_teacher(dense_a, dense_b)) == pytest.approx(float(flat), rel=1e-5)
+    with pytest.raises(TrainingError, match="same shape"):
+        kl_to_teacher(a, torch.randn(4, 9))
