@@ -63,6 +63,12 @@ def add_config(name: str, base: str, **changes) -> None:
 
 add_config("cos3e-4+measured", "cos3e-4", measured_fill=True)
 add_config("cos3e-4+r1", "cos3e-4", rounds=1)  # one gate epoch in 6: the default since (epochs_per_round 6)
+# Stop 19 (another machine): the gate epoch's outcome differs between machines, so the baseline runs again
+add_config("cos3e-4+r1+again", "cos3e-4+r1")
+add_config("cos3e-4+r1+joint", "cos3e-4+r1", gate_weights=True)
+add_config("cos1e-3+r1", "cos1e-3", rounds=1)
+add_config("cos3e-4+r1+kd1", "cos3e-4+r1", distill=1.0)
+add_config("cos3e-4+r1+kd3", "cos3e-4+r1", distill=3.0)
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
