@@ -10,7 +10,6 @@ taken from training state.
 from __future__ import annotations
 
 import copy
-
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
