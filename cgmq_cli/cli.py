@@ -71,7 +71,7 @@ RelBopsOpt = typer.Option(None, "--budget-rel-bops", help="Budget in percent of 
 BytesOpt = typer.Option(None, "--budget-weight-bytes", help="Budget on the weight memory in bytes, e.g. 65536.")
 CostOpt = typer.Option(None, "--budget-cost", help="Budget in the profile's cost-table unit (e.g. cycles).")
 EpochsOpt = typer.Option(None, "--epochs", help="Total epochs, split between gate and weight epochs (default 6).")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate of weights and steps (Adam, cosine decay over the weight-training steps; default 3e-4).")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate of weights and steps (Adam, cosine decay over the weight-training steps; default 1e-3).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed: the same seed repeats a run on the same machine.")
 DeviceOpt = typer.Option(None, "--device", help="cpu (default) or cuda.")
 LossOpt = typer.Option(None, "--loss", help="Loss as module:fn (default cross-entropy).")

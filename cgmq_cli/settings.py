@@ -60,7 +60,7 @@ ZERO_OR_MORE = {"distill": 100.0}  # 0 (off) up to the bound, inclusive
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
     "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
-    "workers": "0 (the default) loads data in the main process", "lr": "the default is 3e-4 (cosine decay)",
+    "workers": "0 (the default) loads data in the main process", "lr": "the default is 1e-3 (cosine decay)",
     "gate_steps": "the default is 300; 0 means one pass over the data",
     "distill": "0 turns distillation off; 1 weighs it like the task loss",
 }
