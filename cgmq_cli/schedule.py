@@ -60,4 +60,3 @@ class TrainConfig:
         steps = self.train_steps(batches)
         done, total = sum(steps[:epoch]) + step, max(sum(steps), 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(done / total, 1.0)))
-

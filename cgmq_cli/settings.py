@@ -55,8 +55,8 @@ INT_RANGES = {
     "max_bad_batches": (1, 1_000_000), "rounds": (0, 10_000), "epochs_per_round": (1, 10_000),
 }
 FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
-                "last_gate_fraction": (0.0, 1.0)}  # lower bound exclusive
-ZERO_OR_MORE = {"distill": 100.0}  # 0 (off) up to the bound, inclusive
+                "last_gate_fraction": (0.0, 1.0), "distill": (0.0, 100.0)}  # lower bound exclusive, except:
+LOW_INCLUSIVE = frozenset({"distill"})  # 0 is allowed (distill 0: off)
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
     "subset": "N training examples, N >= 1", "seed": "any integer from 0 to 4294967295; the default is 0",
@@ -201,9 +201,7 @@ def check_setting(key: str, value: Any, where: str) -> Any:
     if key in INT_RANGES:
         return check_int(value, where, *INT_RANGES[key], HINTS.get(key))
     if key in FLOAT_RANGES:
-        return check_float(value, where, *FLOAT_RANGES[key], HINTS.get(key))
-    if key in ZERO_OR_MORE:
-        return check_float(value, where, 0.0, ZERO_OR_MORE[key], HINTS.get(key), low_ok=True)
+        return check_float(value, where, *FLOAT_RANGES[key], HINTS.get(key), low_ok=key in LOW_INCLUSIVE)
     if key in ("weight_bits", "act_bits"):
         return parse_bits(value, where)
     if key == "input_shape":
