@@ -75,12 +75,12 @@ def train_and_score(qm, trainer_cls, loaders, budget, config, **attrs) -> dict:
             "bits": {k: list(v) for k, v in qm.bits().items()}}
 
 
-def run_cgmq(ctx, budget, seed) -> dict:
-    """``cgmq compress`` as a user runs it: every default, the task's batch size and the same checkpoint."""
+def run_cgmq(ctx, budget, seed, **recipe) -> dict:
+    """``cgmq compress`` as a user runs it: every default (but ``recipe``), the task's batch size and the same checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         settings = cmp.CompressSettings(model=str(ctx["ckpt"]), arch=ctx["arch"], data=ctx["data"], subset=ctx["subset"],
                                         out=f"{tmp}/run", budget=budget, batch_size=ctx["batch"], seed=seed,
-                                        train=TrainConfig(epochs=ctx["epochs"]))
+                                        train=TrainConfig(epochs=ctx["epochs"], **recipe))
         start = time.time()
         report = cmp.compress(settings).report
         wall = time.time() - start
@@ -105,6 +105,11 @@ def _fixed(ctx, budget, seed, pick, recipe: dict) -> dict:
     qm.set_widths(bits)
     result = train_and_score(qm, Trainer, ctx["loaders"], budget, TrainConfig(epochs=ctx["epochs"], rounds=0, **recipe))
     return {**result, "seconds": time.time() - start, "runs": 1}
+
+
+def run_cgmq_exchange(ctx, budget, seed) -> dict:
+    """cgmq with the finish's measured exchange search on (``measured_exchange``)."""
+    return run_cgmq(ctx, budget, seed, measured_exchange=True)
 
 
 def run_uniform(ctx, budget, seed, recipe=QAT) -> dict:
@@ -341,7 +346,7 @@ def main() -> None:
 
     methods = args.methods.split(",")
     rows = []
-    runners = {"cgmq": run_cgmq, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
+    runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
                "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:

@@ -33,6 +33,7 @@ class TrainConfig:
     gate_eta_decay: bool = False  # eta falls linearly to 0 over each gate epoch
     last_gate_fraction: float = 1.0  # the last gate epoch's length as a fraction of the others'
     measured_fill: bool = False  # spend budget the fill left on raises that lower the measured probe-set loss
+    measured_exchange: bool = False  # then lower one width to raise another while the measured probe-set loss falls
     distill: float = 0.0  # weight of the KL term to the float model's outputs in weight training (0: off)
 
     def schedule(self) -> list[str]:

@@ -44,7 +44,7 @@ PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size"
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
 RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
-               "epochs_per_round", "distill")
+               "measured_exchange", "epochs_per_round", "distill")
 PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
@@ -67,7 +67,7 @@ HINTS = {
 STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
 FINISH = ("repair-fill", "constraint")
 LR_SCHEDULES = ("cosine", "constant")
-BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay", "measured_fill")
+BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay", "measured_fill", "measured_exchange")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 MAX_INPUT_ELEMENTS = 2**27  # one example input of at most 128 Mi elements (512 MiB of float32)
 MAX_TEXT = 4096
@@ -335,7 +335,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
-          "last_gate_fraction": 1.0, "measured_fill": False, "epochs_per_round": 3, "distill": 0.0}
+          "last_gate_fraction": 1.0, "measured_fill": False, "measured_exchange": False, "epochs_per_round": 3, "distill": 0.0}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

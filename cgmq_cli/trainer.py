@@ -273,6 +273,10 @@ class Trainer:
                 widths, spent = finish.spend(self.tensors, self.costs, widths, lambda w: self.probe_loss(batches, w),
                                              self.probe_loss(batches, widths))
                 filled = filled + spent
+            if cfg.measured_exchange:
+                widths, swapped = finish.exchange(self.tensors, self.costs, widths,
+                                                  lambda w: self.probe_loss(batches, w), self.probe_loss(batches, widths))
+                filled = filled + swapped
         self.qm.set_widths(widths)
         self.dist.check_same(list(self.qm.widths().values()), "the widths after a gate epoch")
         if cfg.recalibrate:

@@ -109,6 +109,7 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("- a\n- b\n", "mapping"),
     ("lr_schedule: linear\n", "lr_schedule"),
     ("measured_fill: maybe\n", "measured_fill"),
+    ("measured_exchange: 2\n", "measured_exchange"),
     ("last_gate_fraction: 0\n", "last_gate_fraction"),
     ("distill: -1\n", "distill"),
     ("distill: yes\n", "distill"),
@@ -136,11 +137,11 @@ def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
                                         "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n"
-                                        "distill: 0.5\n")
+                                        "distill: 0.5\nmeasured_exchange: true\n")
     train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
     assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
         "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
-        "last_gate_fraction": 0.5, "measured_fill": False, "epochs_per_round": 3, "distill": 0.5}
+        "last_gate_fraction": 0.5, "measured_fill": False, "measured_exchange": True, "epochs_per_round": 3, "distill": 0.5}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------

@@ -316,7 +316,7 @@ def test_random_profiles_and_budgets_end_within_budget_or_refuse(tmp_path: Path)
         except InfeasibleBudgetError:
             return
         config = TrainConfig(finish=data.draw(st.sampled_from(["repair-fill", "constraint"])), probe_batches=2,
-                             measured_fill=data.draw(st.booleans()))
+                             measured_fill=data.draw(st.booleans()), measured_exchange=data.draw(st.booleans()))
         trainer = Trainer(qm, loader, loader, budget, config, mac_cost)
         assert list(trainer.costs.violated(qm.widths())) == [chosen[0]]
         signal.signal(signal.SIGALRM, hang)

@@ -241,6 +241,35 @@ def test_spend_takes_the_largest_measured_fall_per_cost_first() -> None:
     assert moves[0].tensor == "w_small"
 
 
+# -- exchange: lower one width to raise another, on the measured loss ------------------------------
+
+def _balanced_loss(w):
+    """Small's weight and input matter equally: 8x8 beats 2x32 at the same BOPs."""
+    return 1.0 / w["w_small"] + 1.0 / w["a_relu"]
+
+
+def test_exchange_rebalances_a_pair_that_no_raise_can_fix() -> None:
+    tensors, costs, widths = _narrow()
+    lopsided, _ = finish.spend(tensors, costs, widths, _balanced_loss, _balanced_loss(widths))
+    assert (lopsided["w_small"], lopsided["a_relu"]) == (2, 32)  # greedy raises spent it all on one side
+    assert finish.spend(tensors, costs, lopsided, _balanced_loss, _balanced_loss(lopsided))[1] == []
+    bits, moves = finish.exchange(tensors, costs, lopsided, _balanced_loss, _balanced_loss(lopsided))
+    assert not costs.violated(bits) and _balanced_loss(bits) < _balanced_loss(lopsided)
+    assert any(m.new < m.old and m.note.startswith("exchanged") for m in moves)
+    assert bits["w_small"] > 2 and bits["a_relu"] < 32
+
+
+def test_exchange_makes_no_move_that_does_not_lower_the_measured_loss_and_is_bounded() -> None:
+    tensors, costs, widths = _narrow()
+    assert finish.exchange(tensors, costs, widths, lambda w: 1.0, 1.0) == (widths, [])
+    loss_at, calls = _counting(_balanced_loss)
+    bits, moves = finish.exchange(tensors, costs, widths, loss_at, _balanced_loss(widths))
+    ups = [m for m in moves if m.predicted_dloss < 0]
+    assert ups and all(m.new > m.old for m in ups)  # each accepted move lowered the measured loss
+    rounds = sum(len(t.quantizer.allowed) - 1 for t in tensors) + 1
+    assert len(ups) <= rounds and len(calls) <= rounds * len(tensors) ** 2
+
+
 def test_measured_fill_is_recorded_in_the_finish_history() -> None:
     """Through the trainer: the spent raises are fills with their measured loss change and a note.
     The probes predict no change for any move (as after weight epochs, where they are near 0): the
