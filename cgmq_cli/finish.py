@@ -249,8 +249,8 @@ def exchange(tensors: list[Tensor], costs: CostModel, widths: Widths, loss_at: C
         loss, up, down, cand = best
         note = "measured: the loss on the probe set fell"
         if down is not None:
-            moves.append(Move(down.key, down.label, widths[down.key], cand[down.key], 0.0,
-                              note=f"exchanged for a wider {up.label}; " + note))
+            moves.append(Move(down.key, down.label, widths[down.key], cand[down.key], loss - base,
+                              note=f"exchanged for a wider {up.label} (the pair's loss change); " + note))
         moves.append(Move(up.key, up.label, widths[up.key], cand[up.key], loss - base, note=note))
         widths, base = cand, loss
     return widths, moves

@@ -264,8 +264,8 @@ def test_exchange_makes_no_move_that_does_not_lower_the_measured_loss_and_is_bou
     assert finish.exchange(tensors, costs, widths, lambda w: 1.0, 1.0) == (widths, [])
     loss_at, calls = _counting(_balanced_loss)
     bits, moves = finish.exchange(tensors, costs, widths, loss_at, _balanced_loss(widths))
-    ups = [m for m in moves if m.predicted_dloss < 0]
-    assert ups and all(m.new > m.old for m in ups)  # each accepted move lowered the measured loss
+    assert moves and all(m.predicted_dloss < 0 for m in moves)  # each accepted move lowered the measured loss
+    ups = [m for m in moves if m.new > m.old]
     rounds = sum(len(t.quantizer.allowed) - 1 for t in tensors) + 1
     assert len(ups) <= rounds and len(calls) <= rounds * len(tensors) ** 2
 
