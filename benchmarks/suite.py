@@ -346,7 +346,8 @@ def main() -> None:
 
     methods = args.methods.split(",")
     rows = []
-    runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform, "sensitivity": run_sensitivity, "penalty": run_penalty,
+    runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform,
+               "sensitivity": run_sensitivity, "penalty": run_penalty,
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
                "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:

@@ -225,15 +225,16 @@ def exchange(tensors: list[Tensor], costs: CostModel, widths: Widths, loss_at: C
     ``sum_t (len(allowed_t) - 1) + 1``.
     """
     widths, moves = dict(widths), []
-    rounds = sum(len(t.quantizer.allowed) - 1 for t in tensors) + 1
+    rounds = width_steps(tensors, widths, down=True) + width_steps(tensors, widths, down=False) + 1
     for _ in range(rounds):
         best = None
         for up in tensors:
             ups = [w for w in up.quantizer.allowed if w > widths[up.key]]
             if not ups:
                 continue
+            raised = _moved(widths, up, ups[0])
             for down in [None, *[t for t in tensors if t is not up]]:
-                cand = _moved(widths, up, ups[0])
+                cand = raised
                 if down is not None:
                     downs = [w for w in down.quantizer.allowed if w < widths[down.key]]
                     if not downs:
