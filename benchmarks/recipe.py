@@ -44,6 +44,8 @@ TASKS = {
                    ckpt="fmnist-holdout-float-seed0.pt", budget=1.0, batch=128, float=dict(epochs=8, lr=1e-3, batch=128)),
 }
 TASKS["fmnist0.6"] = {**TASKS["fmnist"], "budget": 0.6}  # the same, at the tightest budget of the benchmark
+TASKS["fmnist1.73"] = {**TASKS["fmnist"], "budget": 1.73}  # and at the benchmark's two wider budgets
+TASKS["fmnist3"] = {**TASKS["fmnist"], "budget": 3.0}
 OLD = dict(lr=1e-3, lr_schedule="constant", gate_weights=False, recalibrate=False, gate_eta_decay=False,
            last_gate_fraction=1.0, measured_fill=False, epochs_per_round=3)
 CONFIGS: dict[str, dict | None] = {
@@ -69,6 +71,9 @@ add_config("cos3e-4+r1+joint", "cos3e-4+r1", gate_weights=True)
 add_config("cos1e-3+r1", "cos1e-3", rounds=1)
 add_config("cos3e-4+r1+kd1", "cos3e-4+r1", distill=1.0)
 add_config("cos3e-4+r1+kd3", "cos3e-4+r1", distill=3.0)
+# Stop 21 (another machine again): the default once more as the baseline, and label smoothing in weight training
+add_config("cos1e-3+r1+s21", "cos1e-3+r1")
+add_config("cos1e-3+r1+ls0.1", "cos1e-3+r1", label_smoothing=0.1)
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"

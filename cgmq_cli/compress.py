@@ -10,6 +10,7 @@ taken from training state.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -197,6 +198,15 @@ def _loss_fn(spec: str | None) -> Callable:
     return _GuardedLoss(fn, spec)
 
 
+def _training_loss(settings: CompressSettings, loss_fn: Callable) -> Callable:
+    """What weight training minimises: the task loss, or with ``label_smoothing`` the built-in
+    cross-entropy with smoothed targets (a ``--loss`` is taken as it is)."""
+    smoothing = settings.train.label_smoothing
+    if settings.loss is not None or smoothing <= 0:
+        return loss_fn
+    return _GuardedLoss(functools.partial(nn.functional.cross_entropy, label_smoothing=smoothing), None)
+
+
 def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwareProfile, float_acc: float,
             quant_acc: float, state: TrainState, seconds: float, source: checkpoint.ModelSource, run_dir: Path,
             tensors: list[dict]) -> dict:
@@ -315,7 +325,8 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         trainer = Trainer(qm, train_loader, val_loader, settings.budget, settings_run.train,
                           profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,
                           dist=ctx, amp=settings.amp, seed=settings.seed,
-                          teacher=model.to(device) if settings.train.distill > 0 else None)
+                          teacher=model.to(device) if settings.train.distill > 0 else None,
+                          train_loss_fn=_training_loss(settings, loss_fn))
         seconds = _restore(run_dir, qm, trainer) if resume else 0.0
         if not resume:  # everything is checked: only now is the run directory created (or replaced)
             run = _start_run_dir(settings, run_dir, force, ctx, {

@@ -35,6 +35,7 @@ class TrainConfig:
     measured_fill: bool = False  # spend budget the fill left on raises that lower the measured probe-set loss
     measured_exchange: bool = False  # then lower one width to raise another while the measured probe-set loss falls
     distill: float = 0.0  # weight of the KL term to the float model's outputs in weight training (0: off)
+    label_smoothing: float = 0.0  # weight training's cross-entropy spreads this much target mass evenly (built-in loss only)
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""

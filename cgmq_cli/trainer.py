@@ -87,7 +87,7 @@ class Trainer:
                  config: TrainConfig, mac_cost: MacCost | None = None,
                  loss_fn: LossFn | None = None, on_event: Callable[[Event], None] | None = None,
                  dist: DistContext = DistContext(), amp: bool = False, seed: int = 0,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, train_loss_fn: LossFn | None = None) -> None:
         self.qm, self.train_loader, self.val_loader = qm, train_loader, val_loader
         # the float model: weight training also matches its outputs (distill > 0); frozen, never saved
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and config.distill > 0 else None
@@ -103,6 +103,8 @@ class Trainer:
             self.net = DistributedDataParallel(qm.gm, device_ids=ids, find_unused_parameters=True)
         self.config = config
         self.loss_fn = loss_fn or nn.functional.cross_entropy
+        # what weight training minimises (e.g. cross-entropy with label smoothing); gates, probes and scores use loss_fn
+        self.train_loss_fn = train_loss_fn or self.loss_fn
         self.on_event = on_event or (lambda e: None)
         self.costs = cgmq.CostModel(qm.shapes, budget, mac_cost, qm.extras)
         self.tensors = cgmq.free_tensors(qm)
@@ -116,29 +118,30 @@ class Trainer:
         self.on_event(Event(kind, epoch, data))
 
     def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool,
-                      distill: bool = False) -> torch.Tensor:
-        """The task loss; with ``distill`` (weight training) plus ``config.distill`` times the KL
-        divergence from the float teacher's output distribution (over dim 1) to the model's."""
+                      training: bool = False) -> torch.Tensor:
+        """The task loss; with ``training`` (weight training) the training loss instead, plus
+        ``config.distill`` times the KL divergence from the float teacher's output distribution
+        (over dim 1) to the model's."""
         dev = self.config.device
         x = x.to(dev)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             out = logits(model(x))
-            loss = self.loss_fn(out, y.to(dev))
-            if distill and self.teacher is not None:
+            loss = (self.train_loss_fn if training else self.loss_fn)(out, y.to(dev))
+            if training and self.teacher is not None:
                 with torch.no_grad():
                     target = logits(self.teacher(x))
                 loss = loss + self.config.distill * kl_to_teacher(out, target)
         return loss
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None,
-              amp: bool = False, distill: bool = False) -> torch.Tensor | None:
+              amp: bool = False, training: bool = False) -> torch.Tensor | None:
         """The batch loss, or None for a non-finite loss (skipped and counted; every rank agrees).
 
         ``amp`` (fp16 autocast) only for weight epochs, whose backward goes through the GradScaler.
         ``max_bad_batches`` non-finite losses in a row abort the run with a
         TrainingError; the checkpoint of the last finished epoch stays as it was.
         """
-        loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp, distill)
+        loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp, training)
         if self.dist.all_true(bool(torch.isfinite(loss))):
             self._bad_streak = 0
             return loss
@@ -310,7 +313,7 @@ class Trainer:
         steps = len(self.train_loader)
         for i, (x, y) in enumerate(self.train_loader):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(x, y, self.net, amp=True, distill=True)
+            loss = self._loss(x, y, self.net, amp=True, training=True)
             if loss is None:
                 continue
             self._set_lr(epoch, i)

@@ -122,7 +122,7 @@ def test_gate_and_probe_passes_never_autocast() -> None:
     _, trainer, _ = _setup()
     trainer.amp = True  # as with --amp on CUDA; the flag alone decides what each pass asks for
     asked = []
-    trainer._forward_loss = lambda model, x, y, amp, distill=False: (asked.append(amp), nn.functional.cross_entropy(model(x), y))[1]
+    trainer._forward_loss = lambda model, x, y, amp, training=False: (asked.append(amp), nn.functional.cross_entropy(model(x), y))[1]
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.gate_epoch(0)
     assert asked and not any(asked)
