@@ -74,6 +74,11 @@ add_config("cos3e-4+r1+kd3", "cos3e-4+r1", distill=3.0)
 # Stop 21 (another machine again): the default once more as the baseline, and label smoothing in weight training
 add_config("cos1e-3+r1+s21", "cos1e-3+r1")
 add_config("cos1e-3+r1+ls0.1", "cos1e-3+r1", label_smoothing=0.1)
+# the finish on second-order predictions, measured where that fits (finish_table "auto"), with and without smoothing
+add_config("fin2", "cos1e-3+r1", finish_table="auto")
+add_config("fin2+ls0.1", "fin2", label_smoothing=0.1)
+add_config("fin2+ls0.05", "fin2", label_smoothing=0.05)
+add_config("fin2+ls0.02", "fin2", label_smoothing=0.02)
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"

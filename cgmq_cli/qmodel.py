@@ -118,15 +118,20 @@ class QuantizedModel:
         for key in keys or ():
             qs[key].start_table()
 
-    def table_grads(self, keys: Sequence[str]) -> dict[str, list[float]]:
-        """The accumulated table probes (one value per allowed width) and reset them."""
+    def table_grads(self, keys: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
+        """The accumulated table probes, first-order and sums of squares (one value per allowed width each),
+        and reset them."""
         qs = self.tensor_quantizers()
         out = {}
         for key in keys:
-            t = qs[key].table
-            out[key] = [0.0] * len(qs[key].allowed) if t is None or t.grad is None else t.grad.tolist()
+            q = qs[key]
+            t, sq, zeros = q.table, q.table_sq, [0.0] * len(q.allowed)
+            out[key] = (zeros if t is None or t.grad is None else t.grad.tolist(),
+                        zeros if sq is None else sq.tolist())
             if t is not None:
                 t.grad = None
+            if sq is not None:
+                sq.zero_()
         return out
 
     # -- calibration -------------------------------------------------------------

@@ -13,6 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# "auto" measures the finish's table when its forward passes are at most this share of the run's training passes
+MEASURE_SHARE = 0.05
+PASSES_PER_STEP = 3  # a training step (forward and backward) costs about three forward passes
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -36,6 +40,7 @@ class TrainConfig:
     measured_exchange: bool = False  # then lower one width to raise another while the measured probe-set loss falls
     distill: float = 0.0  # weight of the KL term to the float model's outputs in weight training (0: off)
     label_smoothing: float = 0.0  # weight training's cross-entropy spreads this much target mass evenly (built-in loss only)
+    finish_table: str = "auto"  # the finish's loss changes: "measured", "predicted", or "auto" (measured where it fits)
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
@@ -54,6 +59,13 @@ class TrainConfig:
         """Weight-training steps per epoch (the lr schedule's clock)."""
         return [batches if k == "weight" else self.gate_length(batches, i) if self.gate_weights else 0
                 for i, k in enumerate(self.schedule())]
+
+    def measuring_fits(self, moves: int, probe_batches: int, batches: int) -> bool:
+        """Whether measuring ``moves`` single moves on ``probe_batches`` batches in every gate epoch's finish
+        costs at most :data:`MEASURE_SHARE` of the run's training passes (``batches`` per epoch)."""
+        kinds = self.schedule()
+        steps = sum(self.gate_length(batches, i) if k == "gate" else batches for i, k in enumerate(kinds))
+        return kinds.count("gate") * moves * probe_batches <= MEASURE_SHARE * PASSES_PER_STEP * steps
 
     def lr_at(self, batches: int, epoch: int, step: int) -> float:
         """The learning rate of weight-training step ``step`` of epoch ``epoch``."""

@@ -44,7 +44,7 @@ PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size"
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
 RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
-               "measured_exchange", "epochs_per_round", "distill", "label_smoothing")
+               "measured_exchange", "epochs_per_round", "distill", "label_smoothing", "finish_table")
 PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
@@ -65,9 +65,10 @@ HINTS = {
     "gate_steps": "the default is 300; 0 means one pass over the data",
     "distill": "0 turns distillation off; 1 weighs it like the task loss",
 }
-STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule")
+STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule", "finish_table")
 FINISH = ("repair-fill", "constraint")
 LR_SCHEDULES = ("cosine", "constant")
+FINISH_TABLES = ("auto", "measured", "predicted")  # the finish's loss changes (TrainConfig.finish_table)
 BOOL_KEYS = ("amp", "trust", "gate_weights", "recalibrate", "gate_eta_decay", "measured_fill", "measured_exchange")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 MAX_INPUT_ELEMENTS = 2**27  # one example input of at most 128 Mi elements (512 MiB of float32)
@@ -218,6 +219,8 @@ def check_setting(key: str, value: Any, where: str) -> Any:
             raise _bad(where, value, f"expected {' or '.join(FINISH)}", "the default is repair-fill")
         if key == "lr_schedule" and text not in LR_SCHEDULES:
             raise _bad(where, value, f"expected {' or '.join(LR_SCHEDULES)}", f"the default is {LR_SCHEDULES[0]}")
+        if key == "finish_table" and text not in FINISH_TABLES:
+            raise _bad(where, value, f"expected {', '.join(FINISH_TABLES)}", f"the default is {FINISH_TABLES[0]}")
         if key == "device" and not DEVICE.fullmatch(text):
             raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
         return text
@@ -324,6 +327,9 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
         raise UsageError(exc.message, exc.hint) from None
     if values.get("amp") and not str(values.get("device") or "cpu").startswith("cuda"):
         raise UsageError("--amp needs --device cuda", "drop --amp on CPU")
+    if values.get("label_smoothing") and values.get("loss"):
+        raise UsageError("label_smoothing applies to the built-in cross-entropy, not to --loss",
+                         "smooth the targets inside your loss, or remove label_smoothing from the project file")
     return CompressSettings(
         model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
         budget=budget, arch=values.get("arch"), trust=bool(checked_flags.get("trust")),
@@ -337,7 +343,7 @@ _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits"
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
           "last_gate_fraction": 1.0, "measured_fill": False, "measured_exchange": False, "epochs_per_round": 3, "distill": 0.0,
-          "label_smoothing": 0.0}
+          "label_smoothing": 0.0, "finish_table": "predicted"}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

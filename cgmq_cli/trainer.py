@@ -171,46 +171,23 @@ class Trainer:
         return probes.probe_set(self.train_loader, self.config.probe_batches, self.seed, epoch,
                                 self.dist.world, self.dist.rank)
 
-    def predict(self, batches: list[probes.Batch], tensors: list[cgmq.Tensor] | None = None) -> tuple[finish.Predictions, int]:
-        """First-order loss change of moving each tensor to each allowed width, averaged over the
-        batches of ``batches`` whose loss was finite (and over ranks); also how many were used."""
-        tensors = self.tensors if tensors is None else tensors
-        keys = [t.key for t in tensors]
-        if not keys:  # every width is fixed: nothing to predict (and no gradient to take)
-            return {}, 0
-        allowed = {t.key: t.quantizer.allowed for t in tensors}
-        width = max((len(a) for a in allowed.values()), default=0)
-        total = torch.zeros((len(keys), width), dtype=torch.float64)
-        used = 0
-        self.qm.set_table_probe(keys)
-        self.qm.gm.eval()
-        try:
-            for x, y in batches:
-                loss = self._loss(x, y)
-                if loss is None:
-                    continue
-                loss.backward()
-                for i, row in enumerate(self.qm.table_grads(keys).values()):
-                    total[i, : len(row)] += torch.tensor(row, dtype=torch.float64)
-                used += 1
-        finally:
-            self.qm.set_table_probe(None)
-        total = self.dist.mean(total / max(used, 1))
-        return probes.as_predictions(keys, allowed, total), used
+    def predict(self, batches: list[probes.Batch], tensors: list[cgmq.Tensor] | None = None) -> tuple[probes.Table, int]:
+        """The finish's predicted table at the model's widths (:func:`cgmq_cli.probes.predict`)."""
+        return probes.predict(self.qm, self.tensors if tensors is None else tensors, batches, self._loss, self.dist)
 
     def probe_loss(self, batches: list[probes.Batch], widths: cgmq.Widths) -> float:
         """The mean loss over the finite-loss batches of ``batches`` at ``widths`` (over every rank's); the
         model's widths are left at ``widths``. No finite batch: +inf (so no move is ever measured as a gain)."""
-        self.qm.set_widths(widths)
-        self.qm.gm.eval()
-        total, used = 0.0, 0
-        with torch.no_grad():
-            for x, y in batches:
-                loss = self._forward_loss(self.qm.gm, x, y, False)
-                if bool(torch.isfinite(loss)):
-                    total, used = total + float(loss), used + 1
-        total, used = self.dist.sum(torch.tensor([total, float(used)], dtype=torch.float64)).tolist()
-        return total / used if used > 0 else math.inf
+        return probes.probe_loss(self.qm, batches, widths, self._probe_forward, self.dist)[0]
+
+    def measure(self, batches: list[probes.Batch], widths: cgmq.Widths,
+                tensors: list[cgmq.Tensor] | None = None) -> tuple[probes.Table | None, int]:
+        """The finish's measured table at ``widths`` (:func:`cgmq_cli.probes.measure`)."""
+        return probes.measure(self.qm, self.tensors if tensors is None else tensors, batches, widths,
+                              self._probe_forward, self.dist)
+
+    def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._forward_loss(self.qm.gm, x, y, False)
 
     # -- epochs ----------------------------------------------------------------
     def gate_epoch(self, epoch: int) -> dict:
@@ -256,7 +233,7 @@ class Trainer:
         started = time.perf_counter()
         batches = self.probe_set(epoch)
         before = self.qm.widths()
-        widths, repaired, filled, undone, note, used = before, [], [], [], None, 0
+        widths, repaired, filled, undone, note, used, table = before, [], [], [], None, 0, "predicted"
         if cfg.finish == "constraint":
             widths, note = finish.constraint_repair(self.tensors, self.costs, self.qm.widths, cfg.eta)
             if note:
@@ -264,13 +241,16 @@ class Trainer:
                 pred, used = self.predict(batches)
                 widths, repaired = finish.repair(self.tensors, self.costs, widths, pred)
         else:
-            pred, used = self.predict(batches)
+            measured = cfg.finish_table == "measured" or (cfg.finish_table == "auto" and cfg.measuring_fits(
+                sum(len(t.quantizer.allowed) - 1 for t in self.tensors), len(batches), len(self.train_loader)))
+            pred, used, table = self._finish_table(batches, before, measured)
             widths, repaired = finish.repair(self.tensors, self.costs, before, pred)
             repaired_widths = widths
             widths, filled = finish.fill(self.tensors, self.costs, widths, pred)
-            if filled:  # confirm the plan once, at the planned widths
-                self.qm.set_widths(widths)
-                pred, _ = self.predict(batches)
+            if filled:  # confirm the plan once, at the planned widths: the filled tensors' moves back
+                raised = {m.tensor for m in filled}
+                pred = self._finish_table(batches, widths, table == "measured",
+                                          [t for t in self.tensors if t.key in raised])[0]
                 widths, undone = finish.confirm(self.tensors, widths, repaired_widths, pred)
             if cfg.measured_fill:
                 widths, spent = finish.spend(self.tensors, self.costs, widths, lambda w: self.probe_loss(batches, w),
@@ -287,8 +267,20 @@ class Trainer:
         out = {"load_before_finish": self.costs.load(before), "load_after_finish": self.costs.load(widths),
                "repaired": [asdict(m) for m in repaired], "filled": [asdict(m) for m in filled],
                "undone": [asdict(m) for m in undone], "probe_batches_used": used,
+               "finish_table": table,
                "finish_seconds": time.perf_counter() - started}
         return {**out, "finish_note": note} if note else out
+
+    def _finish_table(self, batches: list[probes.Batch], widths: cgmq.Widths, measured: bool,
+                      tensors: list[cgmq.Tensor] | None = None) -> tuple[finish.Predictions, int, str]:
+        """The finish's table at ``widths`` (the model is left there), the probe batches it used, and its kind:
+        measured when asked (and some probe batch had a finite loss), else predicted."""
+        self.qm.set_widths(widths)
+        if measured:
+            table, used = self.measure(batches, widths, tensors)
+            if table is not None:
+                return table, used, "measured"
+        return (*self.predict(batches, tensors), "predicted")
 
     def _recalibrate(self, batches: list[probes.Batch]) -> None:
         """Fit the step of every width that no weight-training step has used since it became active

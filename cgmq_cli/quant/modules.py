@@ -17,14 +17,20 @@ width move into ``.grad``::
 so ``g.grad < 0`` means more bits would lower the loss, and ``p.grad`` is the
 predicted loss increase of halving the width.
 
-The finish after a gate epoch needs the first-order change of a move to *any*
+The finish after a gate epoch needs the loss change of a move to *any*
 allowed width (repair may skip a halving that saves nothing). In table mode
 (:meth:`GatedQuantizer.start_table`) the forward value is again unchanged and::
 
     out = Q_b(x) + sum_{w != b} (t_w - t_w.detach()) * (Q_w(x) - Q_b(x))
-    t.grad[w] = <dL/dQ, Q_w(x) - Q_b(x)>          (Q_32(x) = x)
+    t.grad[w]    = <dL/dQ, Q_w(x) - Q_b(x)>            (Q_32(x) = x)
+    table_sq[w] += sum((dL/dQ * (Q_w(x) - Q_b(x)))^2)   (a backward hook on ``out``)
 
-one entry per allowed width (0 at the current one).
+one entry per allowed width (0 at the current one). The first is the
+first-order change; the second, times B/2 for a loss averaged over a batch of
+B examples, is the second-order term with the diagonal empirical Fisher in
+place of the Hessian. Near a minimum the first-order term is mostly noise
+(on LeNet-5 it predicted that 2-bit weights *lower* the loss), so the finish
+uses both (:func:`cgmq_cli.probes.predict`).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class GatedQuantizer(nn.Module):
         self.register_buffer("has_zero_point", torch.tensor(False))  # asymmetric and the data has both signs
         self.probing = False
         self.table: torch.Tensor | None = None  # table mode: one probe per allowed width (not saved)
+        self.table_sq: torch.Tensor | None = None  # table mode: the second-order sums beside it
 
     # -- width -----------------------------------------------------------------
     @property
@@ -155,11 +162,13 @@ class GatedQuantizer(nn.Module):
         return self._forward(x)
 
     def start_table(self) -> None:
-        """Table mode: ``table.grad[i]`` accumulates the first-order loss change of moving to ``allowed[i]``."""
+        """Table mode: ``table.grad[i]`` accumulates the first-order loss change of moving to ``allowed[i]``,
+        ``table_sq[i]`` the sum of squares behind the second-order term."""
         self.table = torch.zeros(len(self.allowed), dtype=torch.float64, device=self.gate.device, requires_grad=True)
+        self.table_sq = torch.zeros(len(self.allowed), dtype=torch.float64, device=self.gate.device)
 
     def stop_table(self) -> None:
-        self.table = None
+        self.table = self.table_sq = None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.bits
@@ -188,7 +197,17 @@ class GatedQuantizer(nn.Module):
                 with torch.no_grad():
                     e = self.quantize(x, width) - q
                 out = out + (t[i] - t[i].detach()) * e
+        if out.requires_grad:  # the residuals are recomputed in backward rather than kept (activation-sized)
+            out.register_hook(lambda grad, x=x.detach(), q=q.detach(): self._accumulate_sq(grad, x, q, bits))
         return out
+
+    @torch.no_grad()
+    def _accumulate_sq(self, grad: torch.Tensor, x: torch.Tensor, q: torch.Tensor, bits: int) -> None:
+        if self.table_sq is None:
+            return
+        for i, width in enumerate(self.allowed):
+            if width != bits:
+                self.table_sq[i] += float(((grad * (self.quantize(x, width) - q)) ** 2).sum())
 
     # -- calibration -----------------------------------------------------------
     @torch.no_grad()

@@ -113,6 +113,9 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("last_gate_fraction: 0\n", "last_gate_fraction"),
     ("distill: -1\n", "distill"),
     ("distill: yes\n", "distill"),
+    ("label_smoothing: 1\n", "label_smoothing"),
+    ("label_smoothing: -0.1\n", "label_smoothing"),
+    ("finish_table: exact\n", "finish_table"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:
@@ -120,6 +123,15 @@ def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "cgmq.yaml").write_text(yaml_text)
     one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits", *INFEASIBLE), EXIT_BAD_INPUT,
                    "cgmq.yaml", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cgmq.yaml"]
+
+
+def test_label_smoothing_is_refused_beside_a_loss_of_your_own(digits_ckpt: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgmq.yaml").write_text("label_smoothing: 0.1\n")
+    one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits", "--loss", "torch.nn.functional:nll_loss",
+                       *INFEASIBLE), EXIT_BAD_INPUT, "label_smoothing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgmq.yaml"]
 
 
@@ -137,11 +149,13 @@ def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
                                         "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n"
-                                        "distill: 0.5\nmeasured_exchange: true\n")
+                                        "distill: 0.5\nmeasured_exchange: true\nlabel_smoothing: 0.2\n"
+                                        "finish_table: measured\n")
     train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
     assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
         "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
-        "last_gate_fraction": 0.5, "measured_fill": False, "measured_exchange": True, "epochs_per_round": 3, "distill": 0.5}
+        "last_gate_fraction": 0.5, "measured_fill": False, "measured_exchange": True, "epochs_per_round": 3, "distill": 0.5,
+        "label_smoothing": 0.2, "finish_table": "measured"}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------

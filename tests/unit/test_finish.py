@@ -285,14 +285,16 @@ def test_measured_fill_is_recorded_in_the_finish_history() -> None:
     qm.set_bits({"big": (2, 8), "small": (2, 2)})
     before = qm.widths()
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    trainer = Trainer(qm, loader, loader, Budget(rel_bops=2.0), TrainConfig(probe_batches=2, measured_fill=True))
+    trainer = Trainer(qm, loader, loader, Budget(rel_bops=2.0),
+                      TrainConfig(probe_batches=2, measured_fill=True, finish_table="predicted"))
     trainer.predict = lambda batches, tensors=None: ({}, len(batches))
     info = trainer.finish(0)
     assert info["load_after_finish"] <= 1.0
     measured = [m for m in info["filled"] if m["note"].startswith("measured")]
     assert measured and all(m["predicted_dloss"] < 0 for m in measured)
     assert trainer.probe_loss(trainer.probe_set(0), qm.widths()) < trainer.probe_loss(trainer.probe_set(0), before)
-    off = Trainer(qm, loader, loader, Budget(rel_bops=2.0), TrainConfig(probe_batches=2, measured_fill=False))
+    off = Trainer(qm, loader, loader, Budget(rel_bops=2.0),
+                  TrainConfig(probe_batches=2, measured_fill=False, finish_table="predicted"))
     off.predict = trainer.predict
     qm.set_widths(before)
     assert off.finish(0)["filled"] == [] and qm.widths() == before

@@ -40,13 +40,14 @@ def test_probe_set_is_fixed_and_seeded() -> None:
     assert rows(halves[0]) | rows(halves[1]) == rows(whole) and not rows(halves[0]) & rows(halves[1])
 
 
-def test_table_probe_is_the_first_order_change_of_each_width() -> None:
+def test_table_probe_is_the_second_order_change_of_each_width() -> None:
     qm, trainer, _ = _setup()
     qm.set_bits({"0": (8, 8), "2": (4, 4)})
     batches = trainer.probe_set(0)
     pred, used = trainer.predict(batches)
     assert used == 3
-    # oracle for the hidden activation (input of layer 2): <dL/dQ, Q_w(h) - Q_4(h)> by hand
+    # oracle for the hidden activation (input of layer 2), by hand:
+    # <dL/dQ, e> + B/2 * sum((dL/dQ * e)^2) with e = Q_w(h) - Q_4(h), averaged over the batches
     qs = qm.tensor_quantizers()
     q = qs["a__1"]
     layer0, layer2 = qm.gm.get_submodule("0"), qm.gm.get_submodule("2")
@@ -60,7 +61,8 @@ def test_table_probe_is_the_first_order_change_of_each_width() -> None:
         loss = nn.functional.cross_entropy(nn.functional.linear(hq, w2, layer2.bias.detach()), y)
         (g,) = torch.autograd.grad(loss, hq)
         for w in q.allowed:
-            expected[w] += float((g * (q.quantize(h, w) - q.quantize(h, 4)).detach()).sum()) / len(batches)
+            e = (q.quantize(h, w) - q.quantize(h, 4)).detach()
+            expected[w] += (float((g * e).sum()) + 0.5 * len(y) * float(((g * e) ** 2).sum())) / len(batches)
     for w in q.allowed:
         assert pred["a__1"][w] == pytest.approx(expected[w], rel=1e-4, abs=1e-7)
     assert pred["a__1"][4] == 0.0 and pred["a__1"][2] > 0  # 2 bits is predicted to cost loss
@@ -101,6 +103,55 @@ def test_finish_probes_one_set_for_every_move() -> None:
     assert info["probe_batches_used"] == 3 and info["finish_seconds"] >= 0
 
 
+def test_measured_table_is_the_probe_loss_of_each_single_move() -> None:
+    qm, trainer, _ = _setup()
+    qm.set_bits({"0": (8, 8), "2": (4, 4)})
+    widths = qm.widths()
+    batches = trainer.probe_set(0)
+    table, used = trainer.measure(batches, widths)
+    assert used == 3 and qm.widths() == widths  # left where it was
+    base = trainer.probe_loss(batches, widths)
+    for t in trainer.tensors:
+        for w in t.quantizer.allowed:
+            expected = 0.0 if w == widths[t.key] else trainer.probe_loss(batches, {**widths, t.key: w}) - base
+            assert table[t.key][w] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    some = trainer.tensors[:1]
+    assert set(trainer.measure(batches, widths, some)[0]) == {some[0].key}
+
+
+def test_finish_uses_the_table_the_config_asks_for_on_one_probe_set() -> None:
+    seen = {"measure": [], "predict": []}
+    for table in ("measured", "predicted"):
+        qm, trainer, _ = _setup(finish_table=table)
+        for name in seen:
+            real = getattr(trainer, name)
+            setattr(trainer, name, lambda batches, *a, real=real, name=name: (seen[name].append(batches), real(batches, *a))[1])
+        info = trainer.gate_epoch(0)
+        assert info["finish_table"] == table and info["load_after_finish"] <= 1.0
+        assert info["probe_batches_used"] == 3
+        if table == "measured":
+            assert seen["measure"] and not seen["predict"] and all(b is seen["measure"][0] for b in seen["measure"])
+        else:
+            assert seen["predict"]
+        seen = {k: [] for k in seen}
+
+
+def test_auto_measures_where_the_table_costs_at_most_five_percent_of_training() -> None:
+    cfg = TrainConfig()  # one gate epoch in 6
+    assert cfg.finish_table == "auto"
+    # LeNet-5 on Fashion-MNIST: 7 tensors x 4 other widths, 8 probe batches; 469 batches of 128 per epoch
+    assert cfg.measuring_fits(28, 8, 469)
+    # resnet18 (about 40 tensors) on 1,024 images: the gate epoch's 300 steps and five 8-batch epochs
+    assert not cfg.measuring_fits(160, 8, 8)
+    # the bound: 5 % of three forward passes per training step, one table per gate epoch
+    steps = 6 * 400  # 400 batches per epoch: the gate epoch is one pass too
+    assert cfg.measuring_fits(int(0.05 * 3 * steps / 8), 8, 400)
+    assert not cfg.measuring_fits(int(0.05 * 3 * steps / 8) + 1, 8, 400)
+    two = TrainConfig(epochs=6, epochs_per_round=3)  # two gate epochs: two tables
+    assert two.measuring_fits(int(0.05 * 3 * steps / 16), 8, 400)
+    assert not two.measuring_fits(int(0.05 * 3 * steps / 16) + 1, 8, 400)
+
+
 def test_finish_recalibrates_switched_widths_and_resets_their_adam_state() -> None:
     qm, trainer, _ = _setup(recalibrate=True)
     trainer.weight_epoch(1)  # every tensor trained at 32 bits: widths {32}; Adam state for the weights
@@ -129,6 +180,45 @@ def test_gate_and_probe_passes_never_autocast() -> None:
     asked.clear()
     trainer.weight_epoch(1)
     assert asked and all(asked)
+
+
+def test_weight_training_minimises_the_training_loss_and_everything_else_the_task_loss() -> None:
+    calls = {"task": 0, "train": 0}
+
+    def counted(name):
+        def fn(out, y):
+            calls[name] += 1
+            return nn.functional.cross_entropy(out, y)
+        return fn
+
+    _, trainer, loader = _setup(loss_fn=counted("task"))
+    trainer.train_loss_fn = counted("train")
+    trainer.gate_epoch(0)  # gate steps, probes and the finish's table
+    assert calls["task"] > 0 and calls["train"] == 0
+    calls["task"] = 0
+    trainer.weight_epoch(1)
+    assert calls["train"] == len(loader) and calls["task"] == 0
+
+
+def test_label_smoothing_is_the_built_in_cross_entropy_with_smoothed_targets() -> None:
+    from cgmq_cli.compress import CompressSettings, _loss_fn, _training_loss
+    from cgmq_cli.cost import Budget as B
+
+    torch.manual_seed(0)
+    out, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    task = _loss_fn(None)
+
+    def settings(**kw):
+        loss = kw.pop("loss", None)
+        return CompressSettings(model="m.pt", data="digits", out="o", budget=B(rel_bops=1.0), loss=loss,
+                                train=TrainConfig(**kw))
+
+    smoothed = _training_loss(settings(label_smoothing=0.2), task)
+    assert float(smoothed(out, y)) == pytest.approx(float(nn.functional.cross_entropy(out, y, label_smoothing=0.2)))
+    assert float(smoothed(out, y)) != pytest.approx(float(task(out, y)))
+    assert _training_loss(settings(label_smoothing=0.0), task) is task
+    own = _loss_fn("torch.nn.functional:cross_entropy")
+    assert _training_loss(settings(label_smoothing=0.2, loss="torch.nn.functional:cross_entropy"), own) is own
 
 
 def test_kl_to_teacher() -> None:
