@@ -43,6 +43,7 @@ TASKS = {
     "fmnist": dict(arch="cgmq_cli.models:LeNet5", data=f"{DATASETS}:fmnist_holdout",
                    ckpt="fmnist-holdout-float-seed0.pt", budget=1.0, batch=128, float=dict(epochs=8, lr=1e-3, batch=128)),
 }
+TASKS["digits2"] = {**TASKS["digits"], "budget": 2.0}  # the README's demo budget
 TASKS["fmnist0.6"] = {**TASKS["fmnist"], "budget": 0.6}  # the same, at the tightest budget of the benchmark
 TASKS["fmnist1.73"] = {**TASKS["fmnist"], "budget": 1.73}  # and at the benchmark's two wider budgets
 TASKS["fmnist3"] = {**TASKS["fmnist"], "budget": 3.0}
@@ -79,6 +80,8 @@ add_config("fin2", "cos1e-3+r1", finish_table="auto")
 add_config("fin2+ls0.1", "fin2", label_smoothing=0.1)
 add_config("fin2+ls0.05", "fin2", label_smoothing=0.05)
 add_config("fin2+ls0.02", "fin2", label_smoothing=0.02)
+add_config("fin2+measured", "fin2", finish_table="measured")  # where auto predicts (digits, ResCNN)
+add_config("fin2+predicted", "fin2", finish_table="predicted")
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
@@ -230,7 +233,7 @@ def main() -> None:
         args.old_rev = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
                                       capture_output=True, text=True).stdout.strip()[:12]
     if not args.report:
-        seeds = lambda s: range(int(s)) if "," not in s else [int(v) for v in s.split(",")]  # noqa: E731
+        seeds = lambda s: range(int(s)) if "," not in s else [int(v) for v in s.split(",") if v]  # noqa: E731
         for task in args.tasks.split(","):
             for config in args.configs.split(","):
                 for seed in seeds(args.fmnist_seeds if task.startswith("fmnist") else args.seeds):

@@ -1,8 +1,8 @@
 """Why these bits: one entry per quantizer for report.json's ``tensors`` (read by ``cgmq report --explain``).
 
 Each entry says what a step up or down of that tensor's width would do, from
-the first-order predictions of the final probe set (``pred``: key -> width ->
-loss change) and the exact cost model::
+the second-order predictions of the final probe set (``pred``: key -> width ->
+loss change, :func:`cgmq_cli.probes.predict`) and the exact cost model::
 
     predicted_dloss_up   = pred[key][next wider]  - pred[key][width]   (null at the top width)
     cost_up[k]           = C_k(widths with key one step up) - C_k(widths)  for every metric k

@@ -7,8 +7,10 @@ moves, from one table of loss changes taken on a fixed probe set::
     pred[t][w] = loss change of moving tensor t alone from its width b to width w
 
 measured (the probe-set loss at each single move, one forward pass each: the
-trainer does this where it costs at most 5 % of the run's training passes,
-``finish_table: auto``) or predicted to second order from one probe pass::
+trainer does this where it costs at most 5 % of the run's training passes or
+little in all, ``finish_table: auto``, see :meth:`TrainConfig.measuring_fits
+<cgmq_cli.schedule.TrainConfig.measuring_fits>`) or predicted to second order
+from one probe pass::
 
     pred[t][w] = <g, e> + B/2 * sum((g * e)^2),   g = dL/dQ_t,  e = Q_t,w(x) - Q_t,b(x)
 
@@ -33,8 +35,8 @@ scored without probing again:
   that the new predictions say cost loss (it only lowers widths: still feasible).
 * :func:`spend`: what budget is left after that is spent on raises whose
   *measured* loss on the probe set (a forward pass at the raised widths) is
-  lower. After the weight epochs the first-order predictions of raises are
-  near zero (the weights have adapted to their widths), so the predicted fill
+  lower. After the weight epochs the predictions of raises are near zero
+  (the weights have adapted to their widths), so a predicted fill
   leaves budget unused that a wider tensor would turn into accuracy; measuring
   the loss of each candidate, as AIMET's and MCT's mixed-precision searches do,
   sees the gain of a large step (2 -> 4 bits) that a linearisation misses.

@@ -1,7 +1,7 @@
 """``cgmq report --explain``: report.json's ``tensors`` -> why each width is what it is (table, Markdown, CSV).
 
-Per quantizer: its width and allowed widths, the first-order loss change the
-probes predict for one step up and one step down, what that step costs in each
+Per quantizer: its width and allowed widths, the loss change the probes
+predict (to second order) for one step up and one step down, what that step costs in each
 budgeted metric, and the budget that stopped a raise. Works on the plain
 report dictionary; every string is escaped first (:func:`cgmq_cli.sanitize.clean_tree`).
 """
@@ -19,7 +19,7 @@ from cgmq_cli.sanitize import clean_tree
 
 EXPLAIN_COLUMNS = ("tensor", "width", "allowed", "dloss up", "cost up", "dloss down", "cost down", "bound by", "layers")
 EXPLAIN_INTRO = ("a step up doubles a width, a step down halves it; dloss is the loss change the probes predict "
-                 "(first order, averaged over batches); cost is the change of each budgeted metric")
+                 "(second order, averaged over batches); cost is the change of each budgeted metric")
 
 
 def explained(report: dict, where: str = "the run") -> list[dict]:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# "auto" measures the finish's table when its forward passes are at most this share of the run's training passes
+# "auto" measures the finish's table when its forward passes are at most this share of the run's training
+# passes, or when they come to at most MEASURE_FLOOR_MACS multiply-accumulates in all (a model so small, or a
+# run so short, that a few seconds of measuring are a large share of it: about 10 s on one CPU core here)
 MEASURE_SHARE = 0.05
+MEASURE_FLOOR_MACS = 2e11
 PASSES_PER_STEP = 3  # a training step (forward and backward) costs about three forward passes
 
 
@@ -60,12 +63,14 @@ class TrainConfig:
         return [batches if k == "weight" else self.gate_length(batches, i) if self.gate_weights else 0
                 for i, k in enumerate(self.schedule())]
 
-    def measuring_fits(self, moves: int, probe_batches: int, batches: int) -> bool:
+    def measuring_fits(self, moves: int, probe_batches: int, batches: int, macs_per_batch: float = math.inf) -> bool:
         """Whether measuring ``moves`` single moves on ``probe_batches`` batches in every gate epoch's finish
-        costs at most :data:`MEASURE_SHARE` of the run's training passes (``batches`` per epoch)."""
+        costs at most :data:`MEASURE_SHARE` of the run's training passes (``batches`` per epoch), or at most
+        :data:`MEASURE_FLOOR_MACS` in all (``macs_per_batch``: one forward pass of a batch)."""
         kinds = self.schedule()
         steps = sum(self.gate_length(batches, i) if k == "gate" else batches for i, k in enumerate(kinds))
-        return kinds.count("gate") * moves * probe_batches <= MEASURE_SHARE * PASSES_PER_STEP * steps
+        passes = kinds.count("gate") * moves * probe_batches
+        return passes <= MEASURE_SHARE * PASSES_PER_STEP * steps or passes * macs_per_batch <= MEASURE_FLOOR_MACS
 
     def lr_at(self, batches: int, epoch: int, step: int) -> float:
         """The learning rate of weight-training step ``step`` of epoch ``epoch``."""

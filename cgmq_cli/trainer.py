@@ -241,8 +241,10 @@ class Trainer:
                 pred, used = self.predict(batches)
                 widths, repaired = finish.repair(self.tensors, self.costs, widths, pred)
         else:
+            examples = len(batches[0][0]) if batches else 0
             measured = cfg.finish_table == "measured" or (cfg.finish_table == "auto" and cfg.measuring_fits(
-                sum(len(t.quantizer.allowed) - 1 for t in self.tensors), len(batches), len(self.train_loader)))
+                sum(len(t.quantizer.allowed) - 1 for t in self.tensors), len(batches), len(self.train_loader),
+                examples * (self.costs.ctx.macs + self.costs.ctx.float_macs)))
             pred, used, table = self._finish_table(batches, before, measured)
             widths, repaired = finish.repair(self.tensors, self.costs, before, pred)
             repaired_widths = widths
