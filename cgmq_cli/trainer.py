@@ -241,11 +241,7 @@ class Trainer:
                 pred, used = self.predict(batches)
                 widths, repaired = finish.repair(self.tensors, self.costs, widths, pred)
         else:
-            examples = len(batches[0][0]) if batches else 0
-            measured = cfg.finish_table == "measured" or (cfg.finish_table == "auto" and cfg.measuring_fits(
-                sum(len(t.quantizer.allowed) - 1 for t in self.tensors), len(batches), len(self.train_loader),
-                examples * (self.costs.ctx.macs + self.costs.ctx.float_macs)))
-            pred, used, table = self._finish_table(batches, before, measured)
+            pred, used, table = self._finish_table(batches, before, self._measures(batches))
             widths, repaired = finish.repair(self.tensors, self.costs, before, pred)
             repaired_widths = widths
             widths, filled = finish.fill(self.tensors, self.costs, widths, pred)
@@ -272,6 +268,15 @@ class Trainer:
                "finish_table": table,
                "finish_seconds": time.perf_counter() - started}
         return {**out, "finish_note": note} if note else out
+
+    def _measures(self, batches: list[probes.Batch]) -> bool:
+        """Whether this run's finishes measure their table (``finish_table``; "auto": where it is cheap)."""
+        cfg = self.config
+        if cfg.finish_table != "auto":
+            return cfg.finish_table == "measured"
+        moves = sum(len(t.quantizer.allowed) - 1 for t in self.tensors)
+        macs_per_batch = (len(batches[0][0]) if batches else 0) * (self.costs.ctx.macs + self.costs.ctx.float_macs)
+        return cfg.measuring_fits(moves, len(batches), len(self.train_loader), macs_per_batch)
 
     def _finish_table(self, batches: list[probes.Batch], widths: cgmq.Widths, measured: bool,
                       tensors: list[cgmq.Tensor] | None = None) -> tuple[finish.Predictions, int, str]:
