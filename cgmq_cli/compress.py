@@ -10,7 +10,6 @@ taken from training state.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, atomic, checkpoint, cost, data, distributed, rundir, safe_load
+from cgmq_cli import __version__, api, atomic, checkpoint, cost, data, distributed, losses, rundir, safe_load
 from cgmq_cli.distributed import DistContext
-from cgmq_cli.errors import (CgmqError, CheckpointError, DataError, InfeasibleBudgetError, InterruptedRun,
+from cgmq_cli.errors import (CgmqError, CheckpointError, InfeasibleBudgetError, InterruptedRun,
                              OutputError, TrainingError, UsageError)
 from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
 from cgmq_cli.sanitize import cut
@@ -161,52 +160,6 @@ def vet_code(run_dir: Path, specs: list[str], trust: bool, notify: Callable[[str
         notify(f"note: {rundir.code_note(specs)}")
 
 
-class _GuardedLoss:
-    """The loss as called by training: an exception (or sys.exit) in it is one DataError line, not a traceback."""
-
-    def __init__(self, fn: Callable, spec: str | None) -> None:
-        self.fn, self.spec = fn, spec
-
-    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.fn(out, target)
-        except CgmqError:
-            raise
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (and bad labels) may raise anything
-            raise _loss_error(exc, self.spec, out) from None
-
-
-def _loss_error(exc: BaseException, spec: str | None, out: torch.Tensor) -> DataError:
-    what = f"--loss {cut(spec, 80)}" if spec else "the loss (cross-entropy)"
-    if isinstance(exc, SystemExit):
-        return DataError(f"{what} called sys.exit({cut(exc.code, 40)})", "a loss function must return a tensor")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    hint = "fix the loss function" if spec else None
-    if "out of bounds" in first or "Target" in first or isinstance(exc, IndexError):
-        classes = out.shape[1] if out.ndim == 2 else None
-        hint = (f"the labels must be class indices from 0 to {classes - 1} (the model has {classes} outputs); "
-                "check --data" if classes else "check the labels of --data")
-    return DataError(f"{what} raised {type(exc).__name__}" + (f": {cut(first, 160)}" if first else ""), hint)
-
-
-def _loss_fn(spec: str | None) -> Callable:
-    if spec is None:
-        return _GuardedLoss(nn.functional.cross_entropy, None)
-    fn = checkpoint.import_object(spec, "--loss")
-    if not callable(fn):
-        raise UsageError(f"--loss {cut(spec)} is not callable")
-    return _GuardedLoss(fn, spec)
-
-
-def _training_loss(settings: CompressSettings, loss_fn: Callable) -> Callable:
-    """What weight training minimises: the task loss, or with ``label_smoothing`` the built-in
-    cross-entropy with smoothed targets (a ``--loss`` is taken as it is)."""
-    smoothing = settings.train.label_smoothing
-    if settings.loss is not None or smoothing <= 0:
-        return loss_fn
-    return _GuardedLoss(functools.partial(nn.functional.cross_entropy, label_smoothing=smoothing), None)
-
-
 def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwareProfile, float_acc: float,
             quant_acc: float, state: TrainState, seconds: float, source: checkpoint.ModelSource, run_dir: Path,
             tensors: list[dict]) -> dict:
@@ -312,7 +265,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         torch.manual_seed(settings.seed)
         model, qm, bundle, profile, source = _build(settings, run_dir if resume else None)
         notes = check_budget(qm, settings.budget, profile)
-        loss_fn = _loss_fn(settings.loss)
+        loss_fn = losses.task_loss(settings.loss)
         train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
                                                      distributed=ctx.enabled)
         float_acc = (shared.float_accuracy if shared is not None
@@ -326,7 +279,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
                           profile.mac_cost if profile.cost_table else None, loss_fn, lambda e: None,
                           dist=ctx, amp=settings.amp, seed=settings.seed,
                           teacher=model.to(device) if settings.train.distill > 0 else None,
-                          train_loss_fn=_training_loss(settings, loss_fn))
+                          train_loss_fn=losses.training_loss(settings.loss, settings.train.label_smoothing, loss_fn))
         seconds = _restore(run_dir, qm, trainer) if resume else 0.0
         if not resume:  # everything is checked: only now is the run directory created (or replaced)
             run = _start_run_dir(settings, run_dir, force, ctx, {

@@ -70,7 +70,7 @@ def shared_start(settings: "CompressSettings", budgets: Sequence[Budget] = ()) -
     import torch
 
     from cgmq_cli import compress as compress_mod
-    from cgmq_cli import data
+    from cgmq_cli import data, losses
     from cgmq_cli.trainer import evaluate
 
     torch.manual_seed(settings.seed)
@@ -79,7 +79,7 @@ def shared_start(settings: "CompressSettings", budgets: Sequence[Budget] = ()) -
         compress_mod.check_budget(qm, budget, profile)
     device = settings.train.device
     _, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed)
-    float_acc = evaluate(model.to(device), val_loader, compress_mod._loss_fn(settings.loss), device)["accuracy"]
+    float_acc = evaluate(model.to(device), val_loader, losses.task_loss(settings.loss), device)["accuracy"]
     qm.gm.to(device)
     qm.calibrate(data.calibration_batch(bundle, 256, settings.seed).to(device))
     return Shared(float_acc, {k: v.detach().clone() for k, v in qm.gm.state_dict().items()}, shared_inputs(settings))

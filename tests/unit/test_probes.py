@@ -209,24 +209,17 @@ def test_weight_training_minimises_the_training_loss_and_everything_else_the_tas
 
 
 def test_label_smoothing_is_the_built_in_cross_entropy_with_smoothed_targets() -> None:
-    from cgmq_cli.compress import CompressSettings, _loss_fn, _training_loss
-    from cgmq_cli.cost import Budget as B
+    from cgmq_cli.losses import task_loss, training_loss
 
     torch.manual_seed(0)
     out, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    task = _loss_fn(None)
-
-    def settings(**kw):
-        loss = kw.pop("loss", None)
-        return CompressSettings(model="m.pt", data="digits", out="o", budget=B(rel_bops=1.0), loss=loss,
-                                train=TrainConfig(**kw))
-
-    smoothed = _training_loss(settings(label_smoothing=0.2), task)
+    task = task_loss(None)
+    smoothed = training_loss(None, 0.2, task)
     assert float(smoothed(out, y)) == pytest.approx(float(nn.functional.cross_entropy(out, y, label_smoothing=0.2)))
     assert float(smoothed(out, y)) != pytest.approx(float(task(out, y)))
-    assert _training_loss(settings(label_smoothing=0.0), task) is task
-    own = _loss_fn("torch.nn.functional:cross_entropy")
-    assert _training_loss(settings(label_smoothing=0.2, loss="torch.nn.functional:cross_entropy"), own) is own
+    assert training_loss(None, 0.0, task) is task
+    own = task_loss("torch.nn.functional:cross_entropy")
+    assert training_loss("torch.nn.functional:cross_entropy", 0.2, own) is own
 
 
 def test_kl_to_teacher() -> None:
