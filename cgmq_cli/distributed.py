@@ -75,9 +75,15 @@ def from_env(device: str) -> DistContext:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        if torch.cuda.device_count() <= local:
-            raise UsageError(f"rank {rank} has LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPUs",
-                             "use --nproc_per_node at most the number of GPUs")
+        # Every rank checks the node's process count, not only its own LOCAL_RANK: a rank whose GPU exists
+        # would otherwise join the group and wait for the failed one until torchrun kills it (30 s on an H200).
+        per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), local + 1)
+        gpus = torch.cuda.device_count()
+        if gpus < per_node:
+            raise UsageError(f"torchrun started {per_node} processes on this node but it has {gpus} GPU"
+                             f"{'' if gpus == 1 else 's'} (rank {rank}, LOCAL_RANK {local})",
+                             f"use --nproc_per_node {max(gpus, 1)} or fewer with --device cuda"
+                             + ("" if gpus else ", or --device cpu"))
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("CGMQ_DIST_TIMEOUT_MIN", "30"))))
