@@ -19,6 +19,7 @@ Tasks (validation = held-out training images, never the test set, for the Fashio
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -82,6 +83,12 @@ add_config("fin2+ls0.05", "fin2", label_smoothing=0.05)
 add_config("fin2+ls0.02", "fin2", label_smoothing=0.02)
 add_config("fin2+measured", "fin2", finish_table="measured")  # where auto predicts (digits, ResCNN)
 add_config("fin2+predicted", "fin2", finish_table="predicted")
+# Stop 22: the gate epoch gives part of its pass to gates and trains the weights for the rest (gate_share),
+# or trains the weights throughout (gate_weights, "joint", last measured with the older recipe)
+add_config("fin2+joint", "fin2", gate_weights=True)
+add_config("fin2+share0.5", "fin2", gate_share=0.5)
+add_config("fin2+share0.25", "fin2", gate_share=0.25)
+add_config("fin2+probe32", "fin2", probe_batches=32, finish_table="measured")  # a 4x larger probe set, still measured
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
@@ -154,14 +161,21 @@ def old_source(rev: str) -> Path:
     return target
 
 
+def label(config: str, device: str) -> str:
+    """A config's name in the cache and the tables: runs on another device than the CPU are kept apart."""
+    return config if device == "cpu" else f"{config}@{device}"
+
+
 def run_one(config: str, task: str, seed: int, args) -> dict:
-    path = CACHE / f"{config}__{task}__s{seed}.json"
+    name = label(config, args.device)
+    path = args.cache / f"{name}__{task}__s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     cfg = TASKS[task]
     overrides = CONFIGS[config]
+    train = {**(overrides or {}), **({"device": args.device} if args.device != "cpu" else {})}
     spec = {"ckpt": str(float_checkpoint(task)), "arch": cfg["arch"], "data": cfg["data"], "budget": cfg["budget"],
-            "batch": cfg["batch"], "seed": seed, "threads": args.threads, "train": overrides or {}}
+            "batch": cfg["batch"], "seed": seed, "threads": args.threads, "train": train}
     source = old_source(args.old_rev) if overrides is None else ROOT
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(args.threads)}
     started = time.time()
@@ -170,20 +184,22 @@ def run_one(config: str, task: str, seed: int, args) -> dict:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{config} {task} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    result = {"config": config, "task": task, "seed": seed, "overrides": overrides, "threads": args.threads,
-              "process_seconds": time.time() - started, **json.loads(line[len("RESULT "):])}
-    CACHE.mkdir(parents=True, exist_ok=True)
+    result = {"config": name, "task": task, "seed": seed, "overrides": overrides, "threads": args.threads,
+              "device": args.device, "jobs": args.jobs, "process_seconds": time.time() - started,
+              **json.loads(line[len("RESULT "):])}
+    args.cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def report() -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*.json"))]
+def report(cache: Path = CACHE) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     by = {}
     for r in runs:
         by.setdefault((r["config"], r["task"]), []).append(r)
     tasks = [t for t in TASKS if any(k[1] == t for k in by)]
-    configs = [c for c in CONFIGS if any(k[0] == c for k in by)]
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    configs = sorted({k[0] for k in by}, key=lambda c: (order.get(c.split("@")[0], len(order)), c))
     lines = ["# Recipe sweep", "", "Accuracy (%) on held-out data at 1.0 % relative BOPs (fmnistB: B %) after 6 epochs: mean over seeds "
              "± half the spread (max - min) / 2, seeds in brackets. `epochs` lists the validation accuracy after each "
              "epoch (mean over seeds). Command: `python benchmarks/recipe.py` (see its docstring). "
@@ -227,6 +243,9 @@ def main() -> None:
     parser.add_argument("--fmnist-seeds", default="1", help="seeds for the (slow) fmnist task")
     parser.add_argument("--old-rev", default=None, help="default: where this branch left main (git merge-base HEAD main)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2-core machine is shared)")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: runs are cached and shown as CONFIG@cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where finished runs are kept")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.old_rev is None:
@@ -234,14 +253,17 @@ def main() -> None:
                                       capture_output=True, text=True).stdout.strip()[:12]
     if not args.report:
         seeds = lambda s: range(int(s)) if "," not in s else [int(v) for v in s.split(",") if v]  # noqa: E731
-        for task in args.tasks.split(","):
-            for config in args.configs.split(","):
-                for seed in seeds(args.fmnist_seeds if task.startswith("fmnist") else args.seeds):
-                    r = run_one(config, task, seed, args)
-                    print(f"{config} {task} s{seed}: {r['accuracy']:.2f}% rel {r['rel_bops']:.3f} "
-                          f"{r['seconds']:.0f}s epochs {[round(a, 2) for a in r['epoch_accuracy']]}", flush=True)
-    text = report()
-    (RESULTS / "recipe.md").write_text(text)
+        runs = sorted(((config, task, seed) for task in args.tasks.split(",") for config in args.configs.split(",")
+                       for seed in seeds(args.fmnist_seeds if task.startswith("fmnist") else args.seeds)),
+                      key=lambda run: run[2])  # every config's first seed before any second one
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for (config, task, seed), future in zip(runs, [pool.submit(run_one, *run, args) for run in runs]):
+                r = future.result()
+                print(f"{config} {task} s{seed}: {r['accuracy']:.2f}% rel {r['rel_bops']:.3f} "
+                      f"{r['seconds']:.0f}s epochs {[round(a, 2) for a in r['epoch_accuracy']]}", flush=True)
+    text = report(args.cache)
+    if args.cache == CACHE:
+        (RESULTS / "recipe.md").write_text(text)
     print(text)
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of the KL term to the float model's outputs in weight training (0: off)
     label_smoothing: float = 0.0  # weight training's cross-entropy spreads this much target mass evenly (built-in loss only)
     finish_table: str = "auto"  # the finish's loss changes: "measured", "predicted", or "auto" (measured where it fits)
+    gate_share: float = 1.0  # a gate epoch's share of gate steps; the rest of its pass trains weights at the finished widths
 
     def schedule(self) -> list[str]:
         """Epoch kinds: ``rounds`` of (gate, weight), then the remaining weight epochs."""
@@ -52,15 +53,20 @@ class TrainConfig:
         return (kinds + ["weight"] * self.epochs)[: self.epochs]
 
     def gate_length(self, batches: int, epoch: int) -> int:
-        """Batches of the gate epoch ``epoch``: one pass or at least ``gate_steps`` (the last one scaled)."""
-        steps = max(batches, self.gate_steps)
+        """Gate steps of the gate epoch ``epoch``: ``gate_share`` of one pass or of ``gate_steps`` batches,
+        whichever is more (the last gate epoch scaled by ``last_gate_fraction``)."""
+        steps = max(batches, self.gate_steps) * self.gate_share
         kinds = self.schedule()
         last = max((i for i, k in enumerate(kinds) if k == "gate"), default=-1)
-        return max(1, math.ceil(steps * self.last_gate_fraction)) if epoch == last else steps
+        return max(1, math.ceil(steps * (self.last_gate_fraction if epoch == last else 1.0)))
+
+    def gate_tail(self, batches: int) -> int:
+        """Weight-training steps at the end of every gate epoch, after its finish: the rest of the pass."""
+        return round(batches * (1.0 - self.gate_share))
 
     def train_steps(self, batches: int) -> list[int]:
         """Weight-training steps per epoch (the lr schedule's clock)."""
-        return [batches if k == "weight" else self.gate_length(batches, i) if self.gate_weights else 0
+        return [batches if k == "weight" else (self.gate_length(batches, i) if self.gate_weights else 0) + self.gate_tail(batches)
                 for i, k in enumerate(self.schedule())]
 
     def measuring_fits(self, moves: int, probe_batches: int, batches: int, macs_per_batch: float = math.inf) -> bool:
@@ -68,7 +74,8 @@ class TrainConfig:
         costs at most :data:`MEASURE_SHARE` of the run's training passes (``batches`` per epoch), or at most
         :data:`MEASURE_FLOOR_MACS` in all (``macs_per_batch``: one forward pass of a batch)."""
         kinds = self.schedule()
-        steps = sum(self.gate_length(batches, i) if k == "gate" else batches for i, k in enumerate(kinds))
+        steps = sum(self.gate_length(batches, i) + self.gate_tail(batches) if k == "gate" else batches
+                    for i, k in enumerate(kinds))
         passes = kinds.count("gate") * moves * probe_batches
         return passes <= MEASURE_SHARE * PASSES_PER_STEP * steps or passes * macs_per_batch <= MEASURE_FLOOR_MACS
 

@@ -224,8 +224,14 @@ class Trainer:
             self.qm.set_probing(False)
         if joint:
             self.state.trained_widths = self.qm.widths()
-        return {"min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
-                "crossings": crossings, **self.finish(epoch)}
+        out = {"min_load": min(loads, default=math.nan), "max_load": max(loads, default=math.nan),
+               "crossings": crossings, **self.finish(epoch)}
+        tail = cfg.gate_tail(len(self.train_loader))
+        if tail:  # the rest of the pass trains the weights at the finished widths
+            trained = self._train_weights(epoch, itertools.islice(self._batches, tail), tail,
+                                          steps if joint else 0)
+            out.update({f"tail_{k}": v for k, v in trained.items()}, tail_steps=tail)
+        return out
 
     def finish(self, epoch: int) -> dict:
         """Make the widths feasible (and use the budget) on one fixed probe set; see :mod:`cgmq_cli.finish`."""
@@ -306,16 +312,20 @@ class Trainer:
 
     def weight_epoch(self, epoch: int) -> dict:
         """Train weights and steps with every width frozen."""
+        return self._train_weights(epoch, self.train_loader, len(self.train_loader))
+
+    def _train_weights(self, epoch: int, batches: Any, steps: int, done: int = 0) -> dict:
+        """Train weights and steps with every width frozen on ``batches`` (``steps`` of them), the first at
+        step ``done`` of the epoch's learning-rate clock."""
         self.qm.set_probing(False)
         self.qm.gm.train()
         total, n = 0.0, 0
-        steps = len(self.train_loader)
-        for i, (x, y) in enumerate(self.train_loader):
+        for i, (x, y) in enumerate(batches):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._loss(x, y, self.net, amp=True, training=True)
             if loss is None:
                 continue
-            self._set_lr(epoch, i)
+            self._set_lr(epoch, done + i)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
