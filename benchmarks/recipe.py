@@ -89,6 +89,8 @@ add_config("fin2+joint", "fin2", gate_weights=True)
 add_config("fin2+share0.5", "fin2", gate_share=0.5)
 add_config("fin2+share0.25", "fin2", gate_share=0.25)
 add_config("fin2+probe32", "fin2", probe_batches=32, finish_table="measured")  # a 4x larger probe set, still measured
+# "fin2+ema" (cached results only): an exponential moving average of the weights from the finish on (decay 0.999,
+# warm-up (1 + t) / (10 + t)), scored and kept at the end; -0.03 to +0.04 points, so its code was not kept
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
@@ -216,6 +218,10 @@ def report(cache: Path = CACHE) -> str:
             spread = (max(accs) - min(accs)) / 2
             cells.append(f"{statistics.mean(accs):.2f} ± {spread:.2f} [{len(rs)}]")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    devices = sorted({(r.get("device", "cpu"), r.get("jobs", 1)) for r in runs if r.get("device", "cpu") != "cpu"})
+    if devices:
+        lines += [""] + [f"`CONFIG@{d}`: run on {d}, {j} runs at a time (their run s are wall times under that load); "
+                         "compare them with each other, not with CPU runs." for d, j in devices]
     lines += ["", "Per-epoch validation accuracy (mean over seeds) and cost:", "",
               "| config | task | rel. BOPs % | within budget | accuracy after each epoch | budget crossings per gate epoch | "
               "finish s per gate epoch | run s |", "|---|---|---:|---|---|---|---|---:|"]

@@ -129,6 +129,12 @@ def run_uniform4_recipe(ctx, budget, seed) -> dict:
     return run_uniform4(ctx, budget, seed, {})
 
 
+def run_float_recipe(ctx, budget, seed) -> dict:
+    """A reference, not a method: the float model fine-tuned with cgmq's recipe for the same epochs (every
+    width 32, i.e. no quantization), so what training alone gives; never within a budget below 100 %."""
+    return _fixed(ctx, budget, seed, lambda qm: baselines.uniform_widths(qm, 32, 32), {})
+
+
 def run_sensitivity(ctx, budget, seed, recipe=QAT) -> dict:
     batches = [b for b, _ in zip(ctx["loaders"][0], range(8))]
     return _fixed(ctx, budget, seed, lambda qm: baselines.sensitivity_bits(qm, budget, batches), recipe)
@@ -349,7 +355,8 @@ def main() -> None:
     runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform,
                "sensitivity": run_sensitivity, "penalty": run_penalty,
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
-               "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe}
+               "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe,
+               "float-recipe": run_float_recipe}
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order

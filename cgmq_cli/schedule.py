@@ -5,7 +5,8 @@ and the learning rate of every weight-training step.
     lr(step) = lr * (1 + cos(pi * done / total)) / 2        (lr_schedule "cosine")
 
 ``done`` counts the weight-training steps before ``step`` over the whole run, ``total`` all of them
-(gate epochs count only with ``gate_weights``). Measured choices: benchmarks/results/recipe.md.
+(a gate epoch counts its gate steps only with ``gate_weights``, and the weight training after its finish
+when ``gate_share`` < 1). Measured choices: benchmarks/results/recipe.md.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class TrainConfig:
 
     def train_steps(self, batches: int) -> list[int]:
         """Weight-training steps per epoch (the lr schedule's clock)."""
-        return [batches if k == "weight" else (self.gate_length(batches, i) if self.gate_weights else 0) + self.gate_tail(batches)
+        return [batches if k == "weight"
+                else (self.gate_length(batches, i) if self.gate_weights else 0) + self.gate_tail(batches)
                 for i, k in enumerate(self.schedule())]
 
     def measuring_fits(self, moves: int, probe_batches: int, batches: int, macs_per_batch: float = math.inf) -> bool:

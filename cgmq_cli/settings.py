@@ -44,7 +44,7 @@ PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size"
                 "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
 RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
-               "measured_exchange", "epochs_per_round", "distill", "label_smoothing", "finish_table")
+               "measured_exchange", "epochs_per_round", "distill", "label_smoothing", "finish_table", "gate_share")
 PROJECT_KEYS += RECIPE_KEYS
 
 # Inclusive bounds. gate_steps 0 means "one pass over the data" (a gate epoch is one pass or at
@@ -56,7 +56,7 @@ INT_RANGES = {
 }
 FLOAT_RANGES = {"lr": (0.0, 10.0), "eta": (0.0, 100.0), "r": (0.0, 1000.0),
                 "last_gate_fraction": (0.0, 1.0), "distill": (0.0, 100.0),
-                "label_smoothing": (0.0, 0.99)}  # lower bound exclusive, except:
+                "label_smoothing": (0.0, 0.99), "gate_share": (0.0, 1.0)}  # lower bound exclusive, except:
 LOW_INCLUSIVE = frozenset({"distill", "label_smoothing"})  # 0 is allowed (off)
 HINTS = {
     "epochs": "the default is 6 (gate and weight epochs alternate)", "batch_size": "the default is 64",
@@ -343,7 +343,7 @@ _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits"
 # Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
           "last_gate_fraction": 1.0, "measured_fill": False, "measured_exchange": False, "epochs_per_round": 3, "distill": 0.0,
-          "label_smoothing": 0.0, "finish_table": "predicted"}
+          "label_smoothing": 0.0, "finish_table": "predicted", "gate_share": 1.0}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

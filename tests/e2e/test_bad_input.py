@@ -116,6 +116,8 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("label_smoothing: 1\n", "label_smoothing"),
     ("label_smoothing: -0.1\n", "label_smoothing"),
     ("finish_table: exact\n", "finish_table"),
+    ("gate_share: 0\n", "gate_share"),
+    ("gate_share: 1.5\n", "gate_share"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:
@@ -150,12 +152,12 @@ def test_recipe_keys_of_the_project_file_reach_the_training(tmp_path: Path, monk
     (tmp_path / "cgmq.yaml").write_text("lr_schedule: constant\ngate_weights: true\nrecalibrate: true\n"
                                         "gate_eta_decay: true\nlast_gate_fraction: 0.5\nmeasured_fill: false\nepochs_per_round: 3\n"
                                         "distill: 0.5\nmeasured_exchange: true\nlabel_smoothing: 0.2\n"
-                                        "finish_table: measured\n")
+                                        "finish_table: measured\ngate_share: 0.5\n")
     train = resolve_compress({"model": "m.pt", "data": "digits"}, {"rel_bops": 1.0}).train
     assert {k: getattr(train, k) for k in RECIPE_KEYS} == {
         "lr_schedule": "constant", "gate_weights": True, "recalibrate": True, "gate_eta_decay": True,
         "last_gate_fraction": 0.5, "measured_fill": False, "measured_exchange": True, "epochs_per_round": 3, "distill": 0.5,
-        "label_smoothing": 0.2, "finish_table": "measured"}
+        "label_smoothing": 0.2, "finish_table": "measured", "gate_share": 0.5}
 
 
 # -- (12) edited or damaged run directories ---------------------------------------------------------------

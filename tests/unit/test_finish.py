@@ -314,3 +314,32 @@ def test_one_gate_epoch_per_round_of_six_and_older_runs_keep_theirs() -> None:
     assert from_config(saved, "config.json").train.schedule() == TrainConfig().schedule()
     older = {**saved, "train": {k: v for k, v in saved["train"].items() if k not in ("epochs_per_round", "measured_fill")}}
     assert from_config(older, "config.json").train.epochs_per_round == 3  # a resumed older run: two gate epochs in 6
+
+
+def test_gate_share_gives_the_rest_of_the_gate_pass_to_weight_training() -> None:
+    """gate_share 0.5: half a pass of gate steps, the finish, then half a pass of weight training at the
+    finished widths; the learning rate's clock counts those steps."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cgmq_cli.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(epochs=2, gate_steps=0, gate_share=0.5, probe_batches=1, finish_table="predicted")
+    assert (config.gate_length(8, 0), config.gate_tail(8)) == (4, 4)
+    assert config.train_steps(8) == [4, 8]
+    assert config.lr_at(8, 0, 0) == config.lr and config.lr_at(8, 1, 0) < config.lr  # the tail's 4 steps came first
+    whole = TrainConfig(epochs=2, gate_steps=0)
+    assert (whole.gate_length(8, 0), whole.gate_tail(8), whole.train_steps(8)) == (8, 0, [0, 8])
+
+    qm = prepared()
+    torch.manual_seed(0)
+    x = torch.randn(128, 64)
+    loader = DataLoader(TensorDataset(x, qm.gm(x).argmax(1)), batch_size=16)  # 8 batches
+    qm.set_bits({"big": (8, 8), "small": (8, 8)})
+    trainer = Trainer(qm, loader, loader, Budget(rel_bops=100.0), config)
+    steps: list[tuple[str, int]] = []
+    trainer.on_event = lambda e: steps.append((e.data["phase"], e.data["steps"])) if e.kind == "progress" else None
+    weights = [p.detach().clone() for p in qm.weight_params()]
+    info = trainer.gate_epoch(0)
+    assert {s for s in steps} == {("gate", 4), ("weight", 4)} and info["tail_steps"] == 4
+    assert any(not torch.equal(a, p) for a, p in zip(weights, qm.weight_params()))  # the tail trained the weights
+    assert info["tail_train_loss"] > 0
