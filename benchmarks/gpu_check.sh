@@ -40,7 +40,7 @@ for r in ("cpu","gpu","amp","ddp1"):
 PY
 FM=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ -d "$FM" ]; then
-  F="benchmarks/results/fashion-mnist-float-seed0.pt --arch cgmq_cli.models:LeNet5 --data fashion-mnist:$FM --budget-rel-bops 1.73 --json"
+  F="benchmarks/results/fashion-mnist-float-default-init.pt --arch cgmq_cli.models:LeNet5 --data fashion-mnist:$FM --budget-rel-bops 1.73 --json"
   step fmnist-$DEV 240 $C compress $F --device $DEV --out $T/fm
   step fmnist-$DEV-amp 240 $C compress $F --device $DEV --amp --out $T/fmamp
   for r in fm fmamp; do python3 -c "import json;j=json.load(open('$T/$r/report.json'));print('$r',j['feasible'],j['accuracy'],j.get('cost'))" >>$L 2>&1; grep -h -i "finish\|epoch=.*end" $T/$r/train.log | tail -12 >>$L; done
