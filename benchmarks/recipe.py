@@ -142,6 +142,7 @@ def float_checkpoint(task: str) -> Path:
     torch.set_num_threads(1)
     bundle = data.load_data(cfg["data"], None, 0)
     loader, _ = data.make_loaders(bundle, cfg["float"]["batch"], 0, 0)
+    torch.manual_seed(0)  # seed 0 initialises the weights too (the checkpoints cached before stop 22 predate this)
     model = checkpoint.build_arch(cfg["arch"], None)
     train_float(model, loader, cfg["float"]["epochs"], cfg["float"]["lr"], seed=0)
     torch.save(model.state_dict(), path)
