@@ -11,8 +11,9 @@ The fine-tuning recipe (README, "The recipe"): Adam at ``lr`` decayed by a
 cosine over every weight-training step of the run (``lr_schedule``); with
 ``gate_weights`` the weights also train at the current widths during gate
 epochs; with ``gate_share`` < 1 a gate epoch gives only that share of its pass
-to gate steps and trains the weights at the finished widths for the rest; with ``recalibrate`` a width that the finish switches a tensor to gets
-its step fitted to the tensor as it is now, and that step's Adam state is reset.
+to gate steps and trains the weights at the finished widths for the rest; with
+``recalibrate`` a width that the finish switches a tensor to gets its step
+fitted to the tensor as it is now, and that step's Adam state is reset.
 With ``distill`` > 0 the weights also learn the float model's output distribution
 (``distill * KL(p_float || p_quantized)`` added to the loss of every weight-training step).
 Gate and probe passes always run in float32 (no autocast), so ``--amp`` never
