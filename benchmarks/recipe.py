@@ -91,6 +91,9 @@ add_config("fin2+share0.25", "fin2", gate_share=0.25)
 add_config("fin2+probe32", "fin2", probe_batches=32, finish_table="measured")  # a 4x larger probe set, still measured
 # "fin2+ema" (cached results only): an exponential moving average of the weights from the finish on (decay 0.999,
 # warm-up (1 + t) / (10 + t)), scored and kept at the end; -0.03 to +0.04 points, so its code was not kept
+# Stop 23: the curves still rise in the last weight epoch; a higher peak learning rate for the cosine
+add_config("fin2+lr2e-3", "fin2", lr=2e-3)
+add_config("fin2+s23", "fin2")  # the default again on this machine, the baseline for fin2+lr2e-3
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
