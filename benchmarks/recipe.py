@@ -94,6 +94,8 @@ add_config("fin2+probe32", "fin2", probe_batches=32, finish_table="measured")  #
 # Stop 23: the curves still rise in the last weight epoch; a higher peak learning rate for the cosine
 add_config("fin2+lr2e-3", "fin2", lr=2e-3)
 add_config("fin2+s23", "fin2")  # the default again on this machine, the baseline for fin2+lr2e-3
+# Stop 24 (another machine): the default again as the baseline
+add_config("fin2+s24", "fin2")
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
