@@ -353,7 +353,7 @@ def main() -> None:
     parser.add_argument("--no-method-cost", action="store_true", help="skip the step-time / latency measurement")
     parser.add_argument("--name", default=None)
     parser.add_argument("--layout", default=None, metavar="NAME=JSON",
-                        help='the widths of method layout-recipe, e.g. w2=\'{"features.0": [2, 8], "features.3": [4, 4]}\' '
+                        help="the widths of method layout-recipe, e.g. 'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' "
                              "(layer -> [weight bits, input bits]; layers not named keep 32); cached as layout-NAME")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the tables from the runs already cached under <name>-runs; run nothing new")
