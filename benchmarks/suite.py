@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -157,11 +158,9 @@ def run_cgmq_widths_recipe(ctx, budget, seed) -> dict:
     return _fixed(ctx, budget, seed, _with_bits(json.loads(path.read_text())["bits"]), {})
 
 
-def run_layout_recipe(ctx, budget, seed) -> dict:
-    """A diagnostic: cgmq's recipe for every epoch on the per-layer widths given with ``--layout``."""
-    if ctx["layout"] is None:
-        sys.exit("error: layout-recipe needs --layout NAME=JSON")
-    return _fixed(ctx, budget, seed, _with_bits(ctx["layout"]), {})
+def run_layout_recipe(ctx, budget, seed, layout: dict) -> dict:
+    """A diagnostic: cgmq's recipe for every epoch on the per-layer widths ``layout`` (from ``--layout``)."""
+    return _fixed(ctx, budget, seed, _with_bits(layout), {})
 
 
 def run_sensitivity(ctx, budget, seed, recipe=QAT) -> dict:
@@ -352,8 +351,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--no-method-cost", action="store_true", help="skip the step-time / latency measurement")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--layout", default=None, metavar="NAME=JSON",
-                        help="the widths of method layout-recipe, e.g. 'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' "
+    parser.add_argument("--layout", action="append", default=[], metavar="NAME=JSON",
+                        help="widths for method layout-recipe (repeat for several), e.g. 'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' "
                              "(layer -> [weight bits, input bits]; layers not named keep 32); cached as layout-NAME")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the tables from the runs already cached under <name>-runs; run nothing new")
@@ -388,24 +387,28 @@ def main() -> None:
                "sensitivity": run_sensitivity, "penalty": run_penalty,
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
                "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe,
-               "float-recipe": run_float_recipe, "cgmq-widths-recipe": run_cgmq_widths_recipe,
-               "layout-recipe": run_layout_recipe}
-    layout_name, layout = (args.layout.split("=", 1)[0], json.loads(args.layout.split("=", 1)[1])) if args.layout else (None, None)
+               "float-recipe": run_float_recipe, "cgmq-widths-recipe": run_cgmq_widths_recipe}
+    for spec_ in args.layout:  # each --layout NAME=JSON is a method of its own, layout-NAME
+        name_, _, text = spec_.partition("=")
+        runners[f"layout-{name_}"] = functools.partial(run_layout_recipe, layout=json.loads(text))
+    if "layout-recipe" in methods:
+        if not args.layout:
+            sys.exit("error: --methods layout-recipe needs at least one --layout NAME=JSON")
+        methods = [m for m in methods if m != "layout-recipe"] + [f"layout-{s.partition('=')[0]}" for s in args.layout]
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
             ctx = {"model": model, "bundle": bundle, "loaders": seed_loaders, "epochs": args.epochs, "cache": cache,
                    "ckpt": RESULTS / f"{args.task}-float-seed0.pt", "arch": cfg["arch"], "data": spec,
-                   "subset": args.subset, "batch": cfg["batch"], "runs_dir": runs_dir, "layout": layout}
+                   "subset": args.subset, "batch": cfg["batch"], "runs_dir": runs_dir}
             for method in [m for m in methods if m in runners]:
                 budget = Budget(rel_bops=budget_pct)
                 run = lambda: runners[method](ctx, budget, seed)  # noqa: E731
-                label = f"layout-{layout_name}" if method == "layout-recipe" else method
-                key = f"{label}__{budget_pct:g}__s{seed}"
+                key = f"{method}__{budget_pct:g}__s{seed}"
                 if args.cached_only and not (runs_dir / f"{key}.json").exists():
                     continue
                 result = run() if method == "penalty" else cache(key, run)
-                rows.append({"method": label, "budget": budget_pct, "seed": seed, **result})
+                rows.append({"method": method, "budget": budget_pct, "seed": seed, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "tried")}), flush=True)
     if "ort-int8" in methods:
         rows.append({"method": "onnxruntime int8 PTQ", "budget": None, "seed": 0,
