@@ -14,6 +14,7 @@ import argparse
 import copy
 import functools
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -417,7 +418,7 @@ def main() -> None:
     recipe = f"{cfg['float_epochs']} epochs of Adam {cfg['float_lr']:g}, batch {cfg['batch']}, seed 0"
     meta = {"task": args.task, "float_accuracy": float_acc, "float_recipe": recipe, "epochs": args.epochs,
             "seeds": args.seeds, "threads": args.threads, "train_examples": len(bundle.train),
-            "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]), "torch": torch.__version__,
+            "command": shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]]), "torch": torch.__version__,
             "method_cost": None if args.no_method_cost else cache("method-cost", lambda: method_cost(model, bundle, loaders))}
     table = summarize(rows)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": rows}, indent=2) + "\n")
