@@ -99,6 +99,10 @@ add_config("fin2+s23", "fin2")  # the default again on this machine, the baselin
 # biases or steps); -0.14 points at 1.73 %, +0.01 at 3 %; and "fin2+sgd0.01", "fin2+sgd0.05" (cached results only):
 # SGD with Nesterov momentum 0.9 instead of Adam, cosine from 0.01 / 0.05: -0.29 / -0.12 at 1.73 %. Code not kept
 add_config("fin2+s24", "fin2")
+# "fin2+plan" (cached results only): after fill, the finish also raised one tensor where its table predicted a lower
+# loss and let repair of the other tensors pay, while the table's sum over the plan fell (no extra forward pass);
+# -0.26 points at 1.73 % (it spent 1.648 % where fill had stopped at 1.474 %), -0.05 at 0.6 %, unchanged at 1 and 3 %.
+# Its code was not kept
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
