@@ -140,11 +140,9 @@ def run_float_recipe(ctx, budget, seed) -> dict:
     return _fixed(ctx, budget, seed, lambda qm: baselines.uniform_widths(qm, 32, 32), {})
 
 
-def _with_bits(bits: dict | None):
-    """A ``pick`` for :func:`_fixed` that sets per-layer (weight, input) widths; None: nothing to train."""
+def _with_bits(bits: dict):
+    """A ``pick`` for :func:`_fixed` that sets per-layer (weight, input) widths."""
     def pick(qm):
-        if bits is None:
-            return None
         qm.set_bits({layer: tuple(wa) for layer, wa in bits.items()})
         return qm.widths()
     return pick
@@ -353,8 +351,9 @@ def main() -> None:
     parser.add_argument("--no-method-cost", action="store_true", help="skip the step-time / latency measurement")
     parser.add_argument("--name", default=None)
     parser.add_argument("--layout", action="append", default=[], metavar="NAME=JSON",
-                        help="widths for method layout-recipe (repeat for several), e.g. 'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' "
-                             "(layer -> [weight bits, input bits]; layers not named keep 32); cached as layout-NAME")
+                        help="widths for method layout-recipe (repeat for several), e.g. "
+                             "'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' (layer -> [weight bits, "
+                             "input bits]; layers not named keep their widest widths); cached as layout-NAME")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the tables from the runs already cached under <name>-runs; run nothing new")
     args = parser.parse_args()
@@ -391,7 +390,10 @@ def main() -> None:
                "float-recipe": run_float_recipe, "cgmq-widths-recipe": run_cgmq_widths_recipe}
     for spec_ in args.layout:  # each --layout NAME=JSON is a method of its own, layout-NAME
         name_, _, text = spec_.partition("=")
-        runners[f"layout-{name_}"] = functools.partial(run_layout_recipe, layout=json.loads(text))
+        try:
+            runners[f"layout-{name_}"] = functools.partial(run_layout_recipe, layout=dict(json.loads(text)))
+        except (ValueError, TypeError) as exc:
+            sys.exit(f"error: --layout {spec_!r} is not NAME=JSON of layer -> [weight bits, input bits] ({exc})")
     if "layout-recipe" in methods:
         if not args.layout:
             sys.exit("error: --methods layout-recipe needs at least one --layout NAME=JSON")
