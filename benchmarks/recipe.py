@@ -103,6 +103,8 @@ add_config("fin2+s24", "fin2")
 # loss and let repair of the other tensors pay, while the table's sum over the plan fell (no extra forward pass);
 # -0.26 points at 1.73 % (it spent 1.648 % where fill had stopped at 1.474 %), -0.05 at 0.6 %, unchanged at 1 and 3 %.
 # Its code was not kept
+add_config("fin2+recal", "fin2", recalibrate=True)  # a width the finish switches to gets a fresh step and Adam state:
+# -0.15 / -0.02 / -0.25 / -0.17 points at 0.6 / 1 / 1.73 / 3 %, so it stays off
 
 for lr in ("1e-4", "3e-4"):
     base = f"cos{lr}"
