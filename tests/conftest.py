@@ -19,6 +19,7 @@ def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     bundle = data.load_data("digits")
     loader, _ = data.make_loaders(bundle, 32, 0, 0)
+    torch.manual_seed(0)  # the initial weights too: else they depend on the tests that ran before this fixture
     model = train_float(models.DigitsCNN(), loader, epochs=4, lr=3e-3, seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "digits_cnn.pt"
     torch.save(model.state_dict(), path)
