@@ -20,8 +20,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from cgmq_cli import render
-from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, CgmqError, InterruptedRun, UsageError,
-                             os_error)
+from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, SIGNALLED, CgmqError, InterruptedRun,
+                             UsageError, os_error)
 from cgmq_cli.sanitize import clean
 
 
@@ -69,7 +69,7 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 _USAGE_ERRORS = _usage_error_types()
 
 
-_SIGNALLED = {"seen": False}  # a real SIGINT/SIGTERM reached this process (not a KeyboardInterrupt raised in code)
+_SIGNALLED = SIGNALLED  # a real SIGINT/SIGTERM reached this process (not a KeyboardInterrupt raised in code)
 
 
 def _quiet_after_interrupt() -> None:
@@ -214,6 +214,9 @@ class CgmqGroup(TyperGroup):
             error = os_error(exc, action="read or write")
             self._fail(ctx, error.message, error.hint, EXIT_BAD_INPUT)
         except Exception as exc:
+            if _SIGNALLED["seen"]:  # the interrupt surfaced as another error (raised inside a C extension)
+                _quiet_after_interrupt()
+                self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
             if debug_enabled():
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -256,7 +259,7 @@ def terminate_as_interrupt():
     Only the first signal interrupts; later ones (a double Ctrl-C) are ignored while
     cgmq cleans up and exits, so no traceback comes out of a cleanup or atexit hook.
     """
-    interrupted = False
+    interrupted = _SIGNALLED["seen"] = False  # a signal of an earlier command in this process is not this one's
 
     def handler(signum, frame):  # noqa: ANN001
         nonlocal interrupted

@@ -135,3 +135,9 @@ class InterruptedRun(CgmqError):
     """The run was interrupted; its last checkpoint can be resumed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+# A real SIGINT/SIGTERM reached this process (set by the CLI's handler; not a KeyboardInterrupt raised in code).
+# The handler raises KeyboardInterrupt wherever Python is; inside a C extension's import or call that can come out
+# as another error (e.g. ImportError "initialization failed"), which is then still an interrupt.
+SIGNALLED = {"seen": False}

@@ -226,6 +226,28 @@ def test_demo_validates_its_flags_first(tmp_path: Path, flag: str, value: str) -
 # -- (9) signals and stale temporaries --------------------------------------------------------------------
 
 
+def test_an_interrupt_that_surfaces_as_another_error_is_still_an_export_interrupt(
+        run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIGTERM test below once caught the export inside onnxruntime's import: the handler's KeyboardInterrupt
+    came out as "ImportError: initialization failed" and cgmq printed an internal error (exit 1)."""
+    from cgmq_cli import deploy, errors
+
+    def interrupted_in_an_import(*_a, **_k):
+        errors.SIGNALLED["seen"] = True  # as the signal handler records it
+        raise ImportError("initialization failed")
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(deploy, "_export", interrupted_in_an_import)
+    try:
+        result = cli("export", run_copy, "--onnx", tmp_path / "x.onnx")
+    finally:
+        for sig, handler in saved.items():  # cgmq ignores further signals once interrupted
+            signal.signal(sig, handler)
+        errors.SIGNALLED["seen"] = False
+    one_line_error(result, EXIT_INTERRUPTED, "export interrupted")
+    assert not (tmp_path / "x.onnx").exists() and _temporaries(tmp_path, run_copy) == []
+
+
 def test_sigterm_during_export_exits_130_and_leaves_no_temporary(run_copy: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -1,0 +1,54 @@
+"""A real Ctrl-C / SIGTERM whose KeyboardInterrupt a C extension turns into another error is still an interrupt.
+
+A CI run caught ``cgmq export`` in onnxruntime's import when SIGTERM came: the handler's KeyboardInterrupt came
+out as ``ImportError: initialization failed`` and cgmq printed "internal error" with exit 1 instead of exit 130.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cgmq_cli import errors
+from cgmq_cli.boundary import CgmqGroup, terminate_as_interrupt
+
+app = typer.Typer(cls=CgmqGroup)
+
+
+@app.command()
+def work(signalled: bool = False) -> None:
+    with terminate_as_interrupt():
+        if signalled:  # what the signal handler records before it raises KeyboardInterrupt
+            errors.SIGNALLED["seen"] = True
+        raise ImportError("initialization failed")
+
+
+@app.command()
+def other() -> None:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _signals_back():
+    """After an interrupt cgmq ignores further signals for its shutdown; give pytest its handlers back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    errors.SIGNALLED["seen"] = False
+
+
+def test_an_error_raised_after_a_real_signal_exits_as_interrupted() -> None:
+    result = CliRunner().invoke(app, ["work", "--signalled"])
+    assert result.exit_code == errors.EXIT_INTERRUPTED, result.output
+    assert "interrupted" in result.output and "internal error" not in result.output
+
+
+def test_without_a_signal_the_same_error_is_a_bug_and_an_earlier_signal_does_not_count() -> None:
+    CliRunner().invoke(app, ["work", "--signalled"])
+    result = CliRunner().invoke(app, ["work"])  # a later command in the same process, no signal this time
+    assert result.exit_code == errors.EXIT_INTERNAL, result.output
+    assert "internal error: ImportError: initialization failed" in result.output
