@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from cgmq_cli import render
 from cgmq_cli.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, SIGNALLED, CgmqError, InterruptedRun,
-                             UsageError, os_error)
+                             UsageError, is_interrupt, os_error)
 from cgmq_cli.sanitize import clean
 
 
@@ -69,12 +69,9 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 _USAGE_ERRORS = _usage_error_types()
 
 
-_SIGNALLED = SIGNALLED  # a real SIGINT/SIGTERM reached this process (not a KeyboardInterrupt raised in code)
-
-
 def _quiet_after_interrupt() -> None:
     """After the first Ctrl-C / SIGTERM is handled, further ones must not interrupt the shutdown (atexit hooks)."""
-    if not _SIGNALLED["seen"]:
+    if not SIGNALLED["seen"]:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):  # not the main thread
@@ -214,7 +211,7 @@ class CgmqGroup(TyperGroup):
             error = os_error(exc, action="read or write")
             self._fail(ctx, error.message, error.hint, EXIT_BAD_INPUT)
         except Exception as exc:
-            if _SIGNALLED["seen"]:  # the interrupt surfaced as another error (raised inside a C extension)
+            if is_interrupt(exc):  # the interrupt surfaced as another error (raised inside a C extension)
                 _quiet_after_interrupt()
                 self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
             if debug_enabled():
@@ -259,13 +256,13 @@ def terminate_as_interrupt():
     Only the first signal interrupts; later ones (a double Ctrl-C) are ignored while
     cgmq cleans up and exits, so no traceback comes out of a cleanup or atexit hook.
     """
-    interrupted = _SIGNALLED["seen"] = False  # a signal of an earlier command in this process is not this one's
+    interrupted = SIGNALLED["seen"] = False  # a signal of an earlier command in this process is not this one's
 
     def handler(signum, frame):  # noqa: ANN001
         nonlocal interrupted
         if interrupted:
             return
-        interrupted = _SIGNALLED["seen"] = True
+        interrupted = SIGNALLED["seen"] = True
         raise KeyboardInterrupt
 
     previous = {}

@@ -18,8 +18,8 @@ import torch
 
 from cgmq_cli import atomic, data, rundir
 from cgmq_cli.compress import load_run
-from cgmq_cli.errors import (SIGNALLED, CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError,
-                             os_error)
+from cgmq_cli.errors import (CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError,
+                             is_interrupt, os_error)
 from cgmq_cli.export import onnx_qdq, verify
 
 PARITY_BATCHES = 32  # up to 32 validation batches (every example of small sets)
@@ -138,12 +138,10 @@ def export_run(run_dir: Path, onnx_path: Path | None, opset: int | None = None, 
             opset = onnx_qdq.PORTABLE_OPSET if portable else DEFAULT_OPSET
         options = ExportOptions(portable=portable, allow_float_fallback=allow_float_fallback)
         return _export(run_dir, onnx_path, opset, float_path, benchmark, trust, notify, options)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
+        if not is_interrupt(exc):  # an interrupt can come out of a C extension as another error (an ImportError)
+            raise
         raise InterruptedRun("export interrupted; no partial file was left behind") from None
-    except Exception:
-        if SIGNALLED["seen"]:  # the interrupt came out of a C extension as another error (e.g. an ImportError)
-            raise InterruptedRun("export interrupted; no partial file was left behind") from None
-        raise
     finally:
         if lock is not None:
             lock.release()

@@ -141,3 +141,8 @@ class InterruptedRun(CgmqError):
 # The handler raises KeyboardInterrupt wherever Python is; inside a C extension's import or call that can come out
 # as another error (e.g. ImportError "initialization failed"), which is then still an interrupt.
 SIGNALLED = {"seen": False}
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, or any error raised after a real signal reached this process."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Exception) and SIGNALLED["seen"])
