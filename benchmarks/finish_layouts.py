@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -40,14 +41,18 @@ class _Done(Exception):
 def score(budget: float, seed: int) -> dict:
     """Run compress up to the end of its first finish and score the gate state, the plan and LAYOUTS there."""
     found: dict = {}
-    plain_finish = tr.Trainer.finish
+    plain_finish, plain_table = tr.Trainer.finish, tr.Trainer._finish_table
+
+    def table(self, *args, **kwargs):  # the finish's first table is the one taken at the gate state
+        result = plain_table(self, *args, **kwargs)
+        found.setdefault("first_table", result)
+        return result
 
     def finish(self, epoch):
         batches = self.probe_set(epoch)
         gate = self.qm.widths()
-        pred, _, kind = self._finish_table(batches, gate, self._measures(batches))
-        self.qm.set_widths(gate)
         moves = plain_finish(self, epoch)
+        pred, _, kind = found.pop("first_table")
         layouts = {"gate epoch": gate, "finish (cgmq)": self.qm.widths(),
                    **{name: {**gate, **lay} for name, lay in LAYOUTS.items()}}
         found.update(table=kind, moves={k: moves[k] for k in ("repaired", "filled", "undone")},
@@ -58,7 +63,7 @@ def score(budget: float, seed: int) -> dict:
                                       "table_sum": additive, "probe_loss": self.probe_loss(batches, widths)}
         raise _Done
 
-    tr.Trainer.finish = finish
+    tr.Trainer.finish, tr.Trainer._finish_table = finish, table
     try:
         with tempfile.TemporaryDirectory() as tmp:
             settings = cmp.CompressSettings(model=str(RESULTS / "fashion-mnist-float-seed0.pt"),
@@ -68,7 +73,7 @@ def score(budget: float, seed: int) -> dict:
     except _Done:
         pass
     finally:
-        tr.Trainer.finish = plain_finish
+        tr.Trainer.finish, tr.Trainer._finish_table = plain_finish, plain_table
     return found
 
 
@@ -99,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     found = score(args.budget, args.seed)
     name = f"finish-layouts-{args.budget:g}-s{args.seed}"
-    command = " ".join(["python", "benchmarks/finish_layouts.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/finish_layouts.py", *sys.argv[1:]])
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "torch": torch.__version__, **found},
                                                      indent=1) + "\n")
     text = markdown(args.budget, args.seed, found, command)

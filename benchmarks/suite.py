@@ -388,16 +388,18 @@ def main() -> None:
                "uniform-recipe": run_uniform_recipe, "sensitivity-recipe": run_sensitivity_recipe,
                "uniform4": run_uniform4, "uniform4-recipe": run_uniform4_recipe,
                "float-recipe": run_float_recipe, "cgmq-widths-recipe": run_cgmq_widths_recipe}
-    for spec_ in args.layout:  # each --layout NAME=JSON is a method of its own, layout-NAME
+    layouts = []  # each --layout NAME=JSON is a method of its own, layout-NAME
+    for spec_ in args.layout:
         name_, _, text = spec_.partition("=")
         try:
             runners[f"layout-{name_}"] = functools.partial(run_layout_recipe, layout=dict(json.loads(text)))
         except (ValueError, TypeError) as exc:
             sys.exit(f"error: --layout {spec_!r} is not NAME=JSON of layer -> [weight bits, input bits] ({exc})")
+        layouts.append(f"layout-{name_}")
     if "layout-recipe" in methods:
-        if not args.layout:
+        if not layouts:
             sys.exit("error: --methods layout-recipe needs at least one --layout NAME=JSON")
-        methods = [m for m in methods if m != "layout-recipe"] + [f"layout-{s.partition('=')[0]}" for s in args.layout]
+        methods = [m for m in methods if m != "layout-recipe"] + layouts
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
             seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
