@@ -174,7 +174,7 @@ def settings(model: str | None = None, *, data: str | None = None, budget_bops: 
 
     ``options`` are the other flags with underscores: ``arch``, ``input_shape``
     (``"1,1,8,8"``), ``leaf``, ``trust``, ``subset``, ``batch_size``,
-    ``workers``, ``profile``, ``weight_bits`` (``"4,8"``), ``act_bits``,
+    ``workers``, ``augment``, ``profile``, ``weight_bits`` (``"4,8"``), ``act_bits``,
     ``epochs``, ``lr``, ``seed``, ``device``, ``loss``, ``out``,
     ``gate_steps``, ``finish``, ``amp``. Every value passes the same checks as
     a flag. ``project_file=True`` also reads ``cgmq.yaml`` / ``[tool.cgmq]`` of
@@ -183,7 +183,7 @@ def settings(model: str | None = None, *, data: str | None = None, budget_bops: 
     """
     from cgmq_cli import settings as settings_mod
 
-    known = ("arch", "input_shape", "leaf", "trust", "data", "subset", "batch_size", "workers", "profile",
+    known = ("arch", "input_shape", "leaf", "trust", "data", "subset", "batch_size", "workers", "augment", "profile",
              "weight_bits", "act_bits", "epochs", "lr", "seed", "device", "loss", "out", "gate_steps", "finish", "amp")
     for key in options:
         if key not in known:

@@ -64,6 +64,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object to stdout (a
 SubsetOpt = typer.Option(None, "--subset", help="Use only N training examples (a fixed seeded subset).")
 BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default 64).")
 WorkersOpt = typer.Option(None, "--workers", help="DataLoader worker processes (default 0).")
+AugmentOpt = typer.Option(None, "--augment", help="Training-data augmentation: auto (default: a random horizontal flip for fashion-mnist, none for other data), none, or hflip.")
 WeightBitsOpt = typer.Option(None, "--weight-bits", help="Narrow the profile's weight widths, e.g. 4,8.")
 ActBitsOpt = typer.Option(None, "--act-bits", help="Narrow the profile's activation widths, e.g. 4,8.")
 BopsOpt = typer.Option(None, "--budget-bops", help="Budget in BOPs (sum of MACs x b_w x b_a), e.g. 1e8.")
@@ -162,6 +163,7 @@ def compress(
     subset: Optional[int] = SubsetOpt,
     batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt,
+    augment: Optional[str] = AugmentOpt,
     profile: Optional[str] = ProfileOpt,
     weight_bits: Optional[str] = WeightBitsOpt,
     act_bits: Optional[str] = ActBitsOpt,
@@ -187,7 +189,8 @@ def compress(
     from cgmq_cli import rundir, settings
 
     flags = _compress_flags(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust_checkpoint=trust_checkpoint,
-                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, augment=augment,
+                            profile=profile,
                             weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
                             loss=loss, out=out, gate_steps=gate_steps, finish=finish, amp=amp)
     budget_flags = _budget_flags(budget_bops, budget_rel_bops, budget_weight_bytes, budget_cost)
@@ -230,6 +233,7 @@ def sweep(
     subset: Optional[int] = SubsetOpt,
     batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt,
+    augment: Optional[str] = AugmentOpt,
     profile: Optional[str] = ProfileOpt,
     weight_bits: Optional[str] = WeightBitsOpt,
     act_bits: Optional[str] = ActBitsOpt,
@@ -259,7 +263,8 @@ def sweep(
         raise UsageError(f"--budget-{key.replace('_', '-')} and --budgets {key}=... both set the swept budget",
                          f"drop --budget-{key.replace('_', '-')}")
     flags = _compress_flags(model=model, arch=arch, input_shape=input_shape, leaf=leaf, trust_checkpoint=trust_checkpoint,
-                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, profile=profile,
+                            data=data_spec, subset=subset, batch_size=batch_size, workers=workers, augment=augment,
+                            profile=profile,
                             weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, seed=seed, device=device,
                             loss=loss, out=None, gate_steps=gate_steps, finish=finish, amp=amp)
     fixed[key] = values[-1]  # any value: the settings must hold a budget to be complete; each point sets its own

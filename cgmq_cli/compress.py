@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, atomic, checkpoint, cost, data, distributed, losses, rundir, safe_load
+from cgmq_cli import __version__, api, atomic, augment, checkpoint, cost, data, distributed, losses, rundir, safe_load
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import (CgmqError, CheckpointError, InfeasibleBudgetError, InterruptedRun,
                              OutputError, TrainingError, UsageError)
@@ -51,6 +51,7 @@ class CompressSettings:
     subset: int | None = None
     batch_size: int = 64
     workers: int = 0
+    augment: str = "auto"  # training-data augmentation: auto (the data source's standard), none, or a name
     seed: int = 0
     loss: str | None = None
     amp: bool = False  # CUDA autocast (float16) for the model; quantizer math stays float32
@@ -124,6 +125,13 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
     return model, qm, bundle, profile, source
 
 
+def augment_of(settings: CompressSettings, bundle: data.DataBundle | None = None) -> str | None:
+    """The training-data augmentation of a run (None: none); with ``bundle`` also checked against its inputs."""
+    if bundle is None:
+        return augment.chosen(settings.augment, settings.data.partition(":")[0])
+    return augment.resolve(settings.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
+
+
 def input_paths(settings: CompressSettings) -> tuple[Path, ...]:
     """Files and folders the run reads: a --force replacement must never delete one of them."""
     paths = []
@@ -170,6 +178,7 @@ def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwarePro
         "model": source.as_dict(),
         "profile": profile.name,
         "data": settings.data,
+        "augment": augment_of(settings) or "none",
         "budget": settings.budget.as_dict(),
         "cost": summary.as_dict(),
         "feasible": settings.budget.is_satisfied_by(summary),
@@ -267,7 +276,7 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         notes = check_budget(qm, settings.budget, profile)
         loss_fn = losses.task_loss(settings.loss)
         train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
-                                                     distributed=ctx.enabled)
+                                                     distributed=ctx.enabled, augment=augment_of(settings, bundle))
         float_acc = (shared.float_accuracy if shared is not None
                      else evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"])
         if shared is not None:

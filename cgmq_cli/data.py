@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import data_sources as src
+from .augment import Augmented
 from .errors import DataError
 
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
@@ -256,9 +257,13 @@ def _take_subset(train: Any, n: int, seed: int) -> Any:
 
 
 def make_loaders(
-    bundle: DataBundle, batch_size: int, workers: int = 0, seed: int = 0, distributed: bool = False
+    bundle: DataBundle, batch_size: int, workers: int = 0, seed: int = 0, distributed: bool = False,
+    augment: str | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled, seeded) and val loader (in order).
+
+    ``augment`` names an augmentation of :mod:`cgmq_cli.augment` for the
+    training examples (the caller calls ``train.dataset.set_epoch(epoch)``).
 
     ``batch_size`` is the global batch. The train order is the same
     ``DistributedSampler`` permutation with one process or many (seeded by
@@ -284,9 +289,10 @@ def make_loaders(
         raise DataError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
                         f"{world} processes", f"use a multiple of {world}")
     common: dict[str, Any] = {"batch_size": batch_size // world, "num_workers": workers}
-    train_s = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_ds = bundle.train if augment is None else Augmented(bundle.train, augment, seed)
+    train_s = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     val = bundle.val if world == 1 else Subset(bundle.val, range(rank, len(bundle.val), world))
-    train = DataLoader(bundle.train, sampler=train_s, **common)
+    train = DataLoader(train_ds, sampler=train_s, **common)
     return train, DataLoader(val, shuffle=False, **common)
 
 

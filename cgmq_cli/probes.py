@@ -30,8 +30,8 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]  # Non
 
 
 def probe_set(loader: Any, batches: int, seed: int, epoch: int, world: int = 1, rank: int = 0) -> list[Batch]:
-    """``batches`` batches of training examples, drawn with a generator seeded by (seed, epoch)."""
-    dataset = loader.dataset
+    """``batches`` batches of training examples, drawn with a generator seeded by (seed, epoch); not augmented."""
+    dataset = getattr(loader.dataset, "source", loader.dataset)  # cgmq_cli.augment.Augmented's examples as they are
     size = loader.batch_size or 1  # per rank
     n = min(len(dataset), batches * size * world)
     n -= n % world  # every rank gets the same number of examples (and batches)

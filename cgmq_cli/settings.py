@@ -7,7 +7,7 @@ from the project file; a flag given on the command line always wins. Keys (all
 optional)::
 
     model, arch, data, profile, epochs, lr, batch_size, subset, seed, device,
-    input_shape, leaf, out, weight_bits, act_bits, workers,
+    input_shape, leaf, out, weight_bits, act_bits, workers, augment,
     budgets: {bops, rel_bops, weight_bytes, cost}
 
 Every value, wherever it comes from, passes :func:`check_setting`: numbers
@@ -31,6 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from cgmq_cli.augment import CHOICES as AUGMENT_CHOICES
 from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
 from cgmq_cli.errors import UsageError
 from cgmq_cli.safe_load import read_yaml
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # torch-heavy modules: imported where settings are built, not
     from cgmq_cli.trainer import TrainConfig
 
 PROJECT_KEYS = ("model", "arch", "data", "profile", "epochs", "lr", "batch_size", "subset", "seed", "device",
-                "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers")
+                "input_shape", "leaf", "out", "weight_bits", "act_bits", "budgets", "workers", "augment")
 # The fine-tuning recipe's switches (TrainConfig fields of the same names); project-file keys.
 RECIPE_KEYS = ("lr_schedule", "gate_weights", "recalibrate", "gate_eta_decay", "last_gate_fraction", "measured_fill",
                "measured_exchange", "epochs_per_round", "distill", "label_smoothing", "finish_table", "gate_share")
@@ -65,7 +66,8 @@ HINTS = {
     "gate_steps": "the default is 300; 0 means one pass over the data",
     "distill": "0 turns distillation off; 1 weighs it like the task loss",
 }
-STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule", "finish_table")
+STRING_KEYS = ("model", "arch", "data", "profile", "out", "loss", "device", "finish", "lr_schedule", "finish_table",
+               "augment")
 FINISH = ("repair-fill", "constraint")
 LR_SCHEDULES = ("cosine", "constant")
 FINISH_TABLES = ("auto", "measured", "predicted")  # the finish's loss changes (TrainConfig.finish_table)
@@ -221,6 +223,9 @@ def check_setting(key: str, value: Any, where: str) -> Any:
             raise _bad(where, value, f"expected {' or '.join(LR_SCHEDULES)}", f"the default is {LR_SCHEDULES[0]}")
         if key == "finish_table" and text not in FINISH_TABLES:
             raise _bad(where, value, f"expected {', '.join(FINISH_TABLES)}", f"the default is {FINISH_TABLES[0]}")
+        if key == "augment" and text not in AUGMENT_CHOICES:
+            raise _bad(where, value, f"expected {', '.join(AUGMENT_CHOICES)}",
+                       "the default is auto (the built-in data set's standard augmentation, else none)")
         if key == "device" and not DEVICE.fullmatch(text):
             raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
         return text
@@ -311,7 +316,8 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
 
     checked_flags = {k: (check_setting(k, v, flag_name(k)) if v is not None else None) for k, v in flags.items()}
     project, _ = read_project() if project_file else ({}, None)
-    values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs})
+    values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs,
+                                            "augment": "auto"})
     if not values.get("model"):
         raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
     if not values.get("data"):
@@ -336,14 +342,15 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
         leaves=tuple(values.get("leaf") or ()), input_shape=values.get("input_shape"), profile=values.get("profile"),
         weight_bits=values.get("weight_bits"), act_bits=values.get("act_bits"),
         subset=values.get("subset"), batch_size=values["batch_size"], workers=values["workers"],
-        seed=values["seed"], loss=values.get("loss"), amp=bool(values.get("amp")), train=_train_config(values))
+        augment=values["augment"], seed=values["seed"], loss=values.get("loss"), amp=bool(values.get("amp")),
+        train=_train_config(values))
 
 
 _OPTIONAL = ("arch", "profile", "loss", "input_shape", "weight_bits", "act_bits", "subset", "rounds")
-# Train settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
+# Settings absent in runs of older cgmq versions, with the behaviour those runs had (a resume keeps it).
 _NEWER = {"lr_schedule": "constant", "gate_weights": False, "recalibrate": False, "gate_eta_decay": False,
           "last_gate_fraction": 1.0, "measured_fill": False, "measured_exchange": False, "epochs_per_round": 3, "distill": 0.0,
-          "label_smoothing": 0.0, "finish_table": "predicted", "gate_share": 1.0}
+          "label_smoothing": 0.0, "finish_table": "predicted", "gate_share": 1.0, "augment": "none"}
 
 
 def from_config(d: Any, where: str) -> "CompressSettings":

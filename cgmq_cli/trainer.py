@@ -342,8 +342,9 @@ class Trainer:
         schedule = self.config.schedule()
         for epoch in range(self.state.epoch, len(schedule)):
             kind = schedule[epoch]
-            if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
-                self.train_loader.sampler.set_epoch(epoch)
+            for part in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "dataset", None)):
+                if hasattr(part, "set_epoch"):  # the shuffle, and the augmentation (cgmq_cli.augment), of this epoch
+                    part.set_epoch(epoch)
             self._batches = _cycle(self.train_loader)  # every epoch starts its own pass of the sampler
             self._emit("epoch_start", epoch, epoch_kind=kind, epochs=len(schedule))
             info = self.gate_epoch(epoch) if kind == "gate" else self.weight_epoch(epoch)

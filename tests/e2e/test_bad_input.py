@@ -69,6 +69,7 @@ def test_check_thresholds_inside_percent_are_checked(finished_run: Path) -> None
     ("--gate-steps", "-5", "--gate-steps"), ("--batch-size", "0", "--batch-size"),
     ("--batch-size", "100000", "--batch-size"), ("--subset", "0", "--subset"), ("--workers", "-1", "--workers"),
     ("--workers", "100000", "--workers"), ("--finish", "magic", "--finish"), ("--device", "gpu", "--device"),
+    ("--augment", "vflip", "--augment"),
     ("--weight-bits", "4,x", "--weight-bits"), ("--input-shape", "1,1,100000,100000", "--input-shape"),
 ])
 def test_bad_flags(digits_ckpt: str, tmp_path: Path, flag: str, value: str, needle: str) -> None:
@@ -118,6 +119,8 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("finish_table: exact\n", "finish_table"),
     ("gate_share: 0\n", "gate_share"),
     ("gate_share: 1.5\n", "gate_share"),
+    ("augment: [hflip]\n", "augment"),
+    ("augment: rotate\n", "augment"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:

@@ -1,0 +1,89 @@
+"""--augment: which examples are transformed, what `auto` means per data source, and who sees the data as it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cgmq_cli import augment, data, probes, qmodel, settings
+from cgmq_cli.cost import Budget
+from cgmq_cli.errors import UsageError
+from cgmq_cli.trainer import TrainConfig, Trainer
+
+
+def _images(n: int = 64) -> TensorDataset:
+    x = torch.arange(n * 12, dtype=torch.float32).reshape(n, 1, 3, 4)  # every row differs from its mirror image
+    return TensorDataset(x, torch.arange(n) % 3)
+
+
+def test_a_seeded_half_of_the_examples_is_flipped_and_the_choice_depends_on_seed_epoch_and_index_only() -> None:
+    source = _images()
+    ds = augment.Augmented(source, "hflip", seed=3)
+    flipped = [not torch.equal(ds[i][0], source[i][0]) for i in range(len(ds))]
+    for i, f in enumerate(flipped):
+        assert torch.equal(ds[i][0], source[i][0].flip(-1) if f else source[i][0]) and ds[i][1] == source[i][1]
+    assert 16 < sum(flipped) < 48
+    assert [not torch.equal(ds[i][0], source[i][0]) for i in reversed(range(64))] == flipped[::-1]  # order-free
+    again = augment.Augmented(source, "hflip", seed=3)
+    assert all(torch.equal(again[i][0], ds[i][0]) for i in range(64))
+    ds.set_epoch(1)
+    assert [not torch.equal(ds[i][0], source[i][0]) for i in range(64)] != flipped
+    other_seed = augment.Augmented(source, "hflip", seed=4)
+    assert [not torch.equal(other_seed[i][0], source[i][0]) for i in range(64)] != flipped
+
+
+def test_auto_is_the_sources_standard_augmentation_and_explicit_choices_are_checked() -> None:
+    assert augment.chosen("auto", "fashion-mnist") == "hflip"
+    assert augment.chosen("auto", "digits") is None and augment.chosen("auto", "mine.py") is None
+    assert augment.chosen("none", "fashion-mnist") is None and augment.chosen("hflip", "digits") == "hflip"
+    assert augment.resolve("hflip", "digits", (1, 8, 8), "float32") == "hflip"
+    with pytest.raises(UsageError, match="transforms images"):
+        augment.resolve("hflip", "tokens.py:fn", (16,), "int64")
+    with pytest.raises(UsageError, match="unknown --augment 'vflip'"):
+        augment.chosen("vflip", "digits")
+
+
+def test_the_setting_is_validated_like_a_flag_and_old_runs_keep_training_on_plain_data(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"--augment 'flip': expected auto, none, hflip"):
+        settings.check_setting("augment", "flip", "--augment")
+    base = dict(model="m.pt", data="digits", out=str(tmp_path / "run"))
+    assert settings.resolve_compress(base, {"rel_bops": 2}, project_file=False).augment == "auto"
+    assert settings.resolve_compress({**base, "augment": "none"}, {"rel_bops": 2}, project_file=False).augment == "none"
+    saved = settings.resolve_compress(base, {"rel_bops": 2}, project_file=False).as_dict()
+    del saved["augment"]  # config.json of a run made before --augment existed
+    assert settings.from_config(json.loads(json.dumps(saved)), "config.json").augment == "none"
+
+
+def test_only_the_training_loader_is_augmented_and_the_probe_set_reads_the_plain_examples() -> None:
+    source = _images()
+    bundle = data.DataBundle("x", source, source, (1, 3, 4), 3, "test")
+    train, val = data.make_loaders(bundle, 8, augment="hflip")
+    assert isinstance(train.dataset, augment.Augmented) and val.dataset is source
+    assert data.make_loaders(bundle, 8)[0].dataset is source
+    plain = {tuple(r.flatten().tolist()) for r in source.tensors[0]}
+    batches = probes.probe_set(train, 4, seed=1, epoch=0)
+    assert all(tuple(r.flatten().tolist()) in plain for x, _ in batches for r in x)
+
+
+def test_the_trainer_moves_the_augmentation_to_each_epoch() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 1, 2, 6), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    qm = qmodel.prepare(model, (1, 2, 6), input_bits=8)
+    qm.calibrate(x)
+    seen = []
+
+    class Recording(augment.Augmented):
+        def set_epoch(self, epoch: int) -> None:
+            seen.append(epoch)
+            super().set_epoch(epoch)
+
+    loader = DataLoader(Recording(TensorDataset(x, y), "hflip", 0), batch_size=16)
+    config = TrainConfig(epochs=3, gate_steps=2, probe_batches=2)
+    Trainer(qm, loader, loader, Budget(rel_bops=50.0), config, seed=0).run()
+    assert seen[1:] == [0, 1, 2]  # the constructor sets epoch 0, then each epoch of the schedule
