@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
 from cgmq_cli import compress as cmp  # noqa: E402
-from cgmq_cli import data, models, qmodel  # noqa: E402
+from cgmq_cli import augment, data, models, qmodel  # noqa: E402
 from cgmq_cli.cost import Budget  # noqa: E402
 from cgmq_cli.errors import DataError  # noqa: E402
 from cgmq_cli.export import onnx_qdq, verify  # noqa: E402
@@ -85,6 +85,7 @@ def run_cgmq(ctx, budget, seed, **recipe) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = cmp.CompressSettings(model=str(ctx["ckpt"]), arch=ctx["arch"], data=ctx["data"], subset=ctx["subset"],
                                         out=f"{tmp}/run", budget=budget, batch_size=ctx["batch"], seed=seed,
+                                        augment=ctx["augment_choice"],
                                         train=TrainConfig(epochs=ctx["epochs"], **recipe))
         start = time.time()
         report = cmp.compress(settings).report
@@ -283,7 +284,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(name: str, meta: dict, table: list[dict], rows: list[dict]) -> str:
     lines = [f"# {name}", "", f"Float checkpoint: {meta['float_accuracy']:.2f} % test accuracy ({meta['float_recipe']}). "
              f"{meta['epochs']} epochs per method from it, seeds {meta['seeds']}, train examples {meta['train_examples']}, "
-             f"torch threads {meta['threads']}, command `{meta['command']}`.", "",
+             f"torch threads {meta['threads']}, training-data augmentation of every method "
+             f"{meta.get('augment', 'none')}, command `{meta['command']}`.", "",
              "| budget (rel. BOPs %) | method | achieved rel. BOPs % | within budget | accuracy % (mean, spread) | "
              "wall s | runs needed |", "|---:|---|---:|---|---:|---:|---:|"]
     for r in sorted(table, key=lambda r: (r["budget"] if r["budget"] is not None else 99, r["method"])):
@@ -354,6 +356,9 @@ def main() -> None:
                         help="widths for method layout-recipe (repeat for several), e.g. "
                              "'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' (layer -> [weight bits, "
                              "input bits]; layers not named keep their widest widths); cached as layout-NAME")
+    parser.add_argument("--augment", default="auto", choices=augment.CHOICES,
+                        help="cgmq's --augment; every other method trains on the same augmented loaders (the float "
+                             "checkpoint never: it keeps the issue's recipe)")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the tables from the runs already cached under <name>-runs; run nothing new")
     args = parser.parse_args()
@@ -381,6 +386,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
+    augmentation = augment.resolve(args.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
     methods = args.methods.split(",")
     rows = []
     runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform,
@@ -402,8 +408,10 @@ def main() -> None:
         methods = [m for m in methods if m != "layout-recipe"] + layouts
     for budget_pct in [float(b) for b in args.budgets.split(",")]:
         for seed in range(args.seeds):
-            seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed)  # the seed sets the data order
+            # the seed sets the data order (and which images the augmentation flips)
+            seed_loaders = data.make_loaders(bundle, cfg["batch"], 0, seed, augment=augmentation)
             ctx = {"model": model, "bundle": bundle, "loaders": seed_loaders, "epochs": args.epochs, "cache": cache,
+                   "augment_choice": args.augment,
                    "ckpt": RESULTS / f"{args.task}-float-seed0.pt", "arch": cfg["arch"], "data": spec,
                    "subset": args.subset, "batch": cfg["batch"], "runs_dir": runs_dir}
             for method in [m for m in methods if m in runners]:
@@ -421,6 +429,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     recipe = f"{cfg['float_epochs']} epochs of Adam {cfg['float_lr']:g}, batch {cfg['batch']}, seed 0"
     meta = {"task": args.task, "float_accuracy": float_acc, "float_recipe": recipe, "epochs": args.epochs,
+            "augment": augmentation or "none",
             "seeds": args.seeds, "threads": args.threads, "train_examples": len(bundle.train),
             "command": shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]]), "torch": torch.__version__,
             "method_cost": None if args.no_method_cost else cache("method-cost", lambda: method_cost(model, bundle, loaders))}
