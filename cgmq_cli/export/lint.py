@@ -42,14 +42,19 @@ def _ort():
     return ort
 
 
-def load_session(path: str | os.PathLike, optimized_path: str | None = None):
+def load_session(path: str | os.PathLike, optimized_path: str | None = None, *, optimize: bool = True):
     """An onnxruntime CPU session with default session options (the way users load a file).
 
-    Raises :class:`ExportError` with onnxruntime's first message line when it fails to load.
+    ``optimize=False`` turns graph optimizations off: every QuantizeLinear and
+    DequantizeLinear then runs as written (the file's exact meaning), instead of
+    being fused into integer kernels. Raises :class:`ExportError` with
+    onnxruntime's first message line when it fails to load.
     """
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     try:

@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -399,7 +399,10 @@ def export_qdq(
     with the PyTorch quantized model on ``parity_inputs`` (default: 64 seeded
     random inputs) in at least ``min_agreement`` percent of top-1
     predictions; otherwise :class:`ExportError` / :class:`ParityError` and no
-    file is written (the checks run on the temporary file).
+    file is written (the checks run on the temporary file). Where the default
+    session, whose integer kernels requantize with their own rounding, falls
+    short, the file's exact meaning (graph optimizations off) must agree
+    instead, and both agreements are returned in :attr:`ExportInfo.parity`.
     ``metadata`` is stored in metadata_props as ``cgmq.<key>`` (JSON values).
 
     On a profile with integer kernels (``qm.integer_ops``) the check also
@@ -448,11 +451,17 @@ def export_qdq(
                                  isinstance(metadata.get("profile"), str) else "the profile")
         inputs = list(parity_inputs) if parity_inputs is not None else _random_inputs(qm)
         res = verify.parity(qm, tmp, inputs)
-        result["parity"] = res
         if res.agreement < min_agreement:
-            raise ParityError(f"onnxruntime agrees with PyTorch on {res.agreement:.2f}% of top-1 predictions "
-                              f"(< {min_agreement}%), max |logit diff| {res.max_abs_diff:.3g}",
-                              "please report this model; the file was not written")
+            # onnxruntime's fused integer kernels requantize with their own rounding, which can move a low-bit
+            # activation to the next level; only the file's exact meaning (no fusion) must match PyTorch
+            exact = verify.parity(qm, tmp, inputs, optimize=False)
+            if exact.agreement < min_agreement:
+                raise ParityError(f"onnxruntime agrees with PyTorch on {exact.agreement:.2f}% of top-1 predictions "
+                                  f"(< {min_agreement}%) with graph optimizations off and {res.agreement:.2f}% with "
+                                  f"them on, max |logit diff| {exact.max_abs_diff:.3g}",
+                                  "please report this model; the file was not written")
+            res = replace(res, file_agreement=exact.agreement, file_max_abs_diff=exact.max_abs_diff)
+        result["parity"] = res
 
     _write(model, Path(path), _check)
     return ExportInfo(path=Path(path), opset=opset, size_bytes=os.path.getsize(path), layers=layers,

@@ -249,6 +249,9 @@ class ParityResult:
     max_abs_diff: float
     mean_abs_diff: float
     n: int
+    # when the default (fused) session fell short: the same with graph optimizations off, the file's exact meaning
+    file_agreement: float | None = None
+    file_max_abs_diff: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -273,9 +276,10 @@ def _top1_agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[int, int]:
     return int((picked >= best - tol).sum()), ref.shape[0]
 
 
-def parity(qm, onnx_path: str | os.PathLike, inputs: Iterable[torch.Tensor]) -> ParityResult:
-    """Top-1 agreement and logit differences between onnxruntime and the PyTorch quantized model."""
-    session = load_session(onnx_path)
+def parity(qm, onnx_path: str | os.PathLike, inputs: Iterable[torch.Tensor], optimize: bool = True) -> ParityResult:
+    """Top-1 agreement and logit differences between onnxruntime and the PyTorch quantized model
+    (``optimize=False``: onnxruntime without graph optimizations, see :func:`load_session`)."""
+    session = load_session(onnx_path, optimize=optimize)
     meta = session.get_inputs()[0]
     fixed = meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else None
     agree = total = 0

@@ -100,3 +100,20 @@ def test_plain_progress_lines_have_a_timestamp_and_an_eta(capsys) -> None:
     assert len(lines) == 1
     assert re.fullmatch(r"\d\d:\d\d:\d\d epoch 1 gate step 1/4 loss 0\.5000 cost/budget 2\.000 rel_bops 4\.000% "
                         r"\| epoch ETA \d+:\d\d, run ETA \d+:\d\d", lines[0]), lines[0]
+
+
+def test_export_summary_warns_when_the_fused_kernels_fall_short_and_says_what_the_file_means(capsys) -> None:
+    from types import SimpleNamespace
+
+    from cgmq_cli.export.verify import ParityResult
+
+    def summary(parity: ParityResult) -> str:
+        qdq = SimpleNamespace(path="m.onnx", opset=25, size_bytes=1000, parity=parity, kernels=())
+        render.export_summary(SimpleNamespace(qdq=qdq, float=None, parity_source="360 validation images",
+                                              report_bops=10, latency_ms=None))
+        return capsys.readouterr().out
+
+    assert "warning" not in summary(ParityResult(100.0, 1e-6, 1e-7, 360))
+    text = summary(ParityResult(99.72, 0.6, 0.1, 360, file_agreement=100.0, file_max_abs_diff=4e-6))
+    assert "top-1 agreement 99.72%" in text
+    assert "warning: onnxruntime's fused integer kernels round differently" in text and "agrees on 100.00%" in text
