@@ -356,7 +356,7 @@ def main() -> None:
                         help="widths for method layout-recipe (repeat for several), e.g. "
                              "'w2={\"features.0\": [2, 8], \"features.3\": [4, 4]}' (layer -> [weight bits, "
                              "input bits]; layers not named keep their widest widths); cached as layout-NAME")
-    parser.add_argument("--augment", default="auto", choices=augment.CHOICES,
+    parser.add_argument("--augment", default="none", choices=augment.CHOICES,
                         help="cgmq's --augment; every other method trains on the same augmented loaders (the float "
                              "checkpoint never: it keeps the issue's recipe)")
     parser.add_argument("--cached-only", action="store_true",

@@ -64,7 +64,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object to stdout (a
 SubsetOpt = typer.Option(None, "--subset", help="Use only N training examples (a fixed seeded subset).")
 BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default 64).")
 WorkersOpt = typer.Option(None, "--workers", help="DataLoader worker processes (default 0).")
-AugmentOpt = typer.Option(None, "--augment", help="Training-data augmentation: auto (default: a random horizontal flip for fashion-mnist, none for other data), none, or hflip.")
+AugmentOpt = typer.Option(None, "--augment", help="Training-data augmentation: none (default) or hflip (a seeded horizontal flip of half the training images each epoch).")
 WeightBitsOpt = typer.Option(None, "--weight-bits", help="Narrow the profile's weight widths, e.g. 4,8.")
 ActBitsOpt = typer.Option(None, "--act-bits", help="Narrow the profile's activation widths, e.g. 4,8.")
 BopsOpt = typer.Option(None, "--budget-bops", help="Budget in BOPs (sum of MACs x b_w x b_a), e.g. 1e8.")

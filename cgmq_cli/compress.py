@@ -51,7 +51,7 @@ class CompressSettings:
     subset: int | None = None
     batch_size: int = 64
     workers: int = 0
-    augment: str = "auto"  # training-data augmentation: auto (the data source's standard), none, or a name
+    augment: str = "none"  # training-data augmentation: none, or a name of cgmq_cli.augment.AUGMENTATIONS
     seed: int = 0
     loss: str | None = None
     amp: bool = False  # CUDA autocast (float16) for the model; quantizer math stays float32
@@ -125,10 +125,8 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
     return model, qm, bundle, profile, source
 
 
-def augment_of(settings: CompressSettings, bundle: data.DataBundle | None = None) -> str | None:
-    """The training-data augmentation of a run (None: none); with ``bundle`` also checked against its inputs."""
-    if bundle is None:
-        return augment.chosen(settings.augment, settings.data.partition(":")[0])
+def augment_of(settings: CompressSettings, bundle: data.DataBundle) -> str | None:
+    """The training-data augmentation of a run (None: none), checked against the data's inputs."""
     return augment.resolve(settings.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
 
 
@@ -178,7 +176,7 @@ def _report(settings: CompressSettings, qm: QuantizedModel, profile: HardwarePro
         "model": source.as_dict(),
         "profile": profile.name,
         "data": settings.data,
-        "augment": augment_of(settings) or "none",
+        "augment": settings.augment,
         "budget": settings.budget.as_dict(),
         "cost": summary.as_dict(),
         "feasible": settings.budget.is_satisfied_by(summary),

@@ -225,7 +225,7 @@ def check_setting(key: str, value: Any, where: str) -> Any:
             raise _bad(where, value, f"expected {', '.join(FINISH_TABLES)}", f"the default is {FINISH_TABLES[0]}")
         if key == "augment" and text not in AUGMENT_CHOICES:
             raise _bad(where, value, f"expected {', '.join(AUGMENT_CHOICES)}",
-                       "the default is auto (the built-in data set's standard augmentation, else none)")
+                       "the default is none; hflip flips a seeded half of the training images")
         if key == "device" and not DEVICE.fullmatch(text):
             raise _bad(where, value, "expected cpu, cuda, cuda:N or mps", "the default is cpu")
         return text
@@ -317,7 +317,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
     checked_flags = {k: (check_setting(k, v, flag_name(k)) if v is not None else None) for k, v in flags.items()}
     project, _ = read_project() if project_file else ({}, None)
     values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs,
-                                            "augment": "auto"})
+                                            "augment": "none"})
     if not values.get("model"):
         raise UsageError("no model given", "pass MODEL (a file or torchvision:NAME), or set `model` in cgmq.yaml")
     if not values.get("data"):

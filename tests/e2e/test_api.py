@@ -39,6 +39,21 @@ def test_compress_from_python(digits_ckpt: str, tmp_path: Path) -> None:
     assert api.load_report(result.run_dir) == result.report
 
 
+def test_compress_with_augmentation_trains_on_flipped_images_and_says_so(digits_ckpt: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli import augment
+
+    epochs = []
+    real = augment.Augmented.set_epoch
+    monkeypatch.setattr(augment.Augmented, "set_epoch", lambda self, e: (epochs.append(e), real(self, e))[1])
+    settings = api.settings(digits_ckpt, arch=ARCH, data="digits", budget_rel_bops=3, out=str(tmp_path / "run"),
+                            epochs=2, subset=256, gate_steps=5, augment="hflip")
+    result = api.compress(settings)
+    assert result.report["augment"] == "hflip" and result.report["feasible"] and epochs[-2:] == [0, 1]
+    with pytest.raises(UsageError, match="--augment 'rotate'"):
+        api.settings(digits_ckpt, arch=ARCH, data="digits", budget_rel_bops=3, augment="rotate")
+
+
 def test_load_run_is_the_exported_model(run_copy: Path) -> None:
     import onnxruntime as ort
 

@@ -1,4 +1,4 @@
-"""--augment: which examples are transformed, what `auto` means per data source, and who sees the data as it is."""
+"""--augment: which examples are transformed, which data it may transform, and who sees the data as it is."""
 
 from __future__ import annotations
 
@@ -37,24 +37,22 @@ def test_a_seeded_half_of_the_examples_is_flipped_and_the_choice_depends_on_seed
     assert [not torch.equal(other_seed[i][0], source[i][0]) for i in range(64)] != flipped
 
 
-def test_auto_is_the_sources_standard_augmentation_and_explicit_choices_are_checked() -> None:
-    assert augment.chosen("auto", "fashion-mnist") == "hflip"
-    assert augment.chosen("auto", "digits") is None and augment.chosen("auto", "mine.py") is None
-    assert augment.chosen("none", "fashion-mnist") is None and augment.chosen("hflip", "digits") == "hflip"
+def test_choices_are_checked_against_the_data() -> None:
+    assert augment.resolve("none", "tokens.py:fn", (16,), "int64") is None
     assert augment.resolve("hflip", "digits", (1, 8, 8), "float32") == "hflip"
     with pytest.raises(UsageError, match="transforms images"):
         augment.resolve("hflip", "tokens.py:fn", (16,), "int64")
     with pytest.raises(UsageError, match="unknown --augment 'vflip'"):
-        augment.chosen("vflip", "digits")
+        augment.resolve("vflip", "digits", (1, 8, 8), "float32")
 
 
 def test_the_setting_is_validated_like_a_flag_and_old_runs_keep_training_on_plain_data(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"--augment 'flip': expected auto, none, hflip"):
+    with pytest.raises(UsageError, match=r"--augment 'flip': expected none, hflip"):
         settings.check_setting("augment", "flip", "--augment")
     base = dict(model="m.pt", data="digits", out=str(tmp_path / "run"))
-    assert settings.resolve_compress(base, {"rel_bops": 2}, project_file=False).augment == "auto"
-    assert settings.resolve_compress({**base, "augment": "none"}, {"rel_bops": 2}, project_file=False).augment == "none"
-    saved = settings.resolve_compress(base, {"rel_bops": 2}, project_file=False).as_dict()
+    assert settings.resolve_compress(base, {"rel_bops": 2}, project_file=False).augment == "none"
+    assert settings.resolve_compress({**base, "augment": "hflip"}, {"rel_bops": 2}, project_file=False).augment == "hflip"
+    saved = settings.resolve_compress({**base, "augment": "hflip"}, {"rel_bops": 2}, project_file=False).as_dict()
     del saved["augment"]  # config.json of a run made before --augment existed
     assert settings.from_config(json.loads(json.dumps(saved)), "config.json").augment == "none"
 
