@@ -19,10 +19,9 @@ from typing import Any, Callable
 
 from .errors import UsageError  # no torch at import: settings.py reads CHOICES when the CLI starts
 
-#: name -> (what it does, the transform of one example's input)
-AUGMENTATIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "hflip": ("a random horizontal flip (mirror the last axis) of half the training images",
-              lambda x: x.flip(-1)),
+#: name -> the transform of one chosen example's input
+AUGMENTATIONS: dict[str, Callable[[Any], Any]] = {
+    "hflip": lambda x: x.flip(-1),  # a horizontal flip: mirror the last axis (an image's width)
 }
 CHOICES = ("none", *AUGMENTATIONS)
 
@@ -45,7 +44,7 @@ class Augmented:  # a map-style dataset
 
     def __init__(self, source: Any, name: str, seed: int) -> None:
         self.source, self.name, self.seed = source, name, int(seed)
-        self._transform = AUGMENTATIONS[name][1]
+        self._transform = AUGMENTATIONS[name]
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
