@@ -378,15 +378,20 @@ def main() -> None:
     runs_dir = RESULTS / f"{name}-runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
 
+    augmentation = augment.resolve(args.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
+
     def cache(key: str, fn):
         path = runs_dir / f"{key}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        result = fn()
+            result = json.loads(path.read_text())
+            if result.get("augment", "none") != (augmentation or "none"):
+                sys.exit(f"error: {path} was trained with --augment {result.get('augment', 'none')}, not "
+                         f"{args.augment}; pass another --name")
+            return result
+        result = {**fn(), "augment": augmentation or "none"}
         path.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
-    augmentation = augment.resolve(args.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
     methods = args.methods.split(",")
     rows = []
     runners = {"cgmq": run_cgmq, "cgmq-exchange": run_cgmq_exchange, "uniform": run_uniform,
