@@ -21,7 +21,7 @@ from torch import nn
 from cgmq_cli import __version__, api, atomic, augment, checkpoint, cost, data, distributed, losses, rundir, safe_load
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import (CgmqError, CheckpointError, InfeasibleBudgetError, InterruptedRun,
-                             OutputError, TrainingError, UsageError)
+                             OutputError, TrainingError, UsageError, is_interrupt)
 from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
 from cgmq_cli.sanitize import cut
 from cgmq_cli.qmodel import QuantizedModel
@@ -333,28 +333,26 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
             save(trainer.state)
             saved_once = True
         state = trainer.run(save)
-    except KeyboardInterrupt:
-        if not saved_once and run is not None:
-            run.discard()
-            raise InterruptedRun(f"interrupted before the first checkpoint; {run_dir} was removed") from None
-        raise InterruptedRun(f"interrupted; {run_dir} keeps the state after epoch {trainer.state.epoch}",
-                             f"continue with: cgmq compress --resume {run_dir}") from None
-    except OutputError as exc:
-        if not saved_once and run is not None:
+    except BaseException as exc:  # one handler: an interrupt may come out of a C extension as any other error
+        fresh = not saved_once and run is not None  # no checkpoint yet: the run directory is removed
+        if is_interrupt(exc):
+            if fresh:
+                run.discard()
+                raise InterruptedRun(f"interrupted before the first checkpoint; {run_dir} was removed") from None
+            raise InterruptedRun(f"interrupted; {run_dir} keeps the state after epoch {trainer.state.epoch}",
+                                 f"continue with: cgmq compress --resume {run_dir}") from None
+        if ctx.enabled and isinstance(exc, RuntimeError) and not isinstance(exc, CgmqError):
+            # gloo/NCCL: a peer died or hung; every rank stops
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TrainingError(f"rank {ctx.rank}: another process of this distributed run failed ({cut(first, 160)}); "
+                                f"the job stops, {run_dir} keeps the state after epoch {trainer.state.epoch}",
+                                f"continue with: cgmq compress --resume {run_dir} (any number of processes)") from None
+        if fresh:
             run.discard()
             raise
-        raise OutputError(exc.message, f"{exc.hint or 'fix the cause'}; then continue with: "
-                                       f"cgmq compress --resume {run_dir}") from None
-    except RuntimeError as exc:  # gloo/NCCL: a peer died or hung; every rank stops
-        if not ctx.enabled or isinstance(exc, CgmqError):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"rank {ctx.rank}: another process of this distributed run failed ({cut(first, 160)}); "
-                            f"the job stops, {run_dir} keeps the state after epoch {trainer.state.epoch}",
-                            f"continue with: cgmq compress --resume {run_dir} (any number of processes)") from None
-    except BaseException:
-        if not saved_once and run is not None:
-            run.discard()
+        if isinstance(exc, OutputError):
+            raise OutputError(exc.message, f"{exc.hint or 'fix the cause'}; then continue with: "
+                                           f"cgmq compress --resume {run_dir}") from None
         raise
     finally:
         if log is not None:

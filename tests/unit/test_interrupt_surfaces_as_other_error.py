@@ -52,3 +52,23 @@ def test_without_a_signal_the_same_error_is_a_bug_and_an_earlier_signal_does_not
     result = CliRunner().invoke(app, ["work"])  # a later command in the same process, no signal this time
     assert result.exit_code == errors.EXIT_INTERNAL, result.output
     assert "internal error: ImportError: initialization failed" in result.output
+
+
+def test_compress_interrupted_inside_a_c_extension_keeps_its_checkpoint_and_says_how_to_resume(
+        digits_ckpt: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli import api
+    from cgmq_cli.trainer import Trainer
+
+    def run(self, save=None):  # one epoch is saved, then SIGTERM lands inside a C extension
+        self.state.epoch = 1
+        save(self.state)
+        errors.SIGNALLED["seen"] = True
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(Trainer, "run", run)
+    settings = api.settings(digits_ckpt, arch="cgmq_cli.models:DigitsCNN", data="digits", budget_rel_bops=3,
+                            out=str(tmp_path / "run"), epochs=2, subset=128)
+    with pytest.raises(errors.InterruptedRun) as caught:
+        api.compress(settings)
+    assert caught.value.hint == f"continue with: cgmq compress --resume {tmp_path / 'run'}"
+    assert (tmp_path / "run" / "config.json").is_file() and "epoch 1" in caught.value.message
