@@ -51,7 +51,6 @@ class Augmented:  # a map-style dataset
         import torch
 
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch) + 7_919)
-        self.epoch = int(epoch)
         self._chosen = torch.rand(len(self.source), generator=gen) < 0.5
 
     def __len__(self) -> int:

@@ -125,11 +125,6 @@ def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.
     return model, qm, bundle, profile, source
 
 
-def augment_of(settings: CompressSettings, bundle: data.DataBundle) -> str | None:
-    """The training-data augmentation of a run (None: none), checked against the data's inputs."""
-    return augment.resolve(settings.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
-
-
 def input_paths(settings: CompressSettings) -> tuple[Path, ...]:
     """Files and folders the run reads: a --force replacement must never delete one of them."""
     paths = []
@@ -273,8 +268,9 @@ def _compress(settings: CompressSettings, on_event: Callable[[Event], None] | No
         model, qm, bundle, profile, source = _build(settings, run_dir if resume else None)
         notes = check_budget(qm, settings.budget, profile)
         loss_fn = losses.task_loss(settings.loss)
+        augmentation = augment.resolve(settings.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)
         train_loader, val_loader = data.make_loaders(bundle, settings.batch_size, settings.workers, settings.seed,
-                                                     distributed=ctx.enabled, augment=augment_of(settings, bundle))
+                                                     distributed=ctx.enabled, augment=augmentation)
         float_acc = (shared.float_accuracy if shared is not None
                      else evaluate(model.to(device), val_loader, loss_fn, device, ctx)["accuracy"])
         if shared is not None:
