@@ -286,9 +286,9 @@ def load_run(run: str | Path | None, trust: bool = False, notify: Callable[[str]
     ``trust`` is needed for a run made from a pickled module, or one that was
     moved or belongs to someone else and names code to import.
     """
-    from cgmq_cli import compress as compress_mod
+    from cgmq_cli import saved_run
 
-    loaded = compress_mod.load_run(resolve(run), trust, notify)
+    loaded = saved_run.load_run(resolve(run), trust, notify)
     qm = loaded.qm
     qm.gm.cpu().eval()
     qm.set_probing(False)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from cgmq_cli import atomic, data, rundir
-from cgmq_cli.compress import load_run
+from cgmq_cli.saved_run import load_run
 from cgmq_cli.errors import (CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError,
                              is_interrupt, os_error)
 from cgmq_cli.export import onnx_qdq, verify
