@@ -19,9 +19,19 @@ from typing import Any, Callable
 
 from .errors import UsageError  # no torch at import: settings.py reads CHOICES when the CLI starts
 
-#: name -> the transform of one chosen example's input
+def _hflip(x: Any) -> Any:
+    """A horizontal flip: mirror the last axis (an image's width) of a tensor or a numpy array."""
+    if hasattr(x, "flip"):
+        return x.flip(-1)
+    import numpy as np
+
+    return np.ascontiguousarray(np.flip(x, -1))
+
+
+#: name -> the transform of one chosen example's input (module-level functions: DataLoader workers
+#: started by spawn or forkserver receive the dataset pickled)
 AUGMENTATIONS: dict[str, Callable[[Any], Any]] = {
-    "hflip": lambda x: x.flip(-1),  # a horizontal flip: mirror the last axis (an image's width)
+    "hflip": _hflip,
 }
 CHOICES = ("none", *AUGMENTATIONS)
 
@@ -44,7 +54,6 @@ class Augmented:  # a map-style dataset
 
     def __init__(self, source: Any, name: str, seed: int) -> None:
         self.source, self.name, self.seed = source, name, int(seed)
-        self._transform = AUGMENTATIONS[name]
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,5 +68,5 @@ class Augmented:  # a map-style dataset
     def __getitem__(self, i: int) -> Any:
         x, *rest = self.source[i]
         if self._chosen[i]:
-            x = self._transform(x)
+            x = AUGMENTATIONS[self.name](x)
         return (x, *rest)

@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils.data import default_collate
 
+from cgmq_cli.augment import Augmented
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 Table = dict[str, dict[int, float]]  # quantizer key -> width -> loss change from the probed widths
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]  # None: a non-finite loss, skipped
@@ -31,7 +33,9 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]  # Non
 
 def probe_set(loader: Any, batches: int, seed: int, epoch: int, world: int = 1, rank: int = 0) -> list[Batch]:
     """``batches`` batches of training examples, drawn with a generator seeded by (seed, epoch); not augmented."""
-    dataset = getattr(loader.dataset, "source", loader.dataset)  # cgmq_cli.augment.Augmented's examples as they are
+    dataset = loader.dataset
+    if isinstance(dataset, Augmented):
+        dataset = dataset.source  # the examples as they are
     size = loader.batch_size or 1  # per rank
     n = min(len(dataset), batches * size * world)
     n -= n % world  # every rank gets the same number of examples (and batches)

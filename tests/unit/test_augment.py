@@ -85,3 +85,28 @@ def test_the_trainer_moves_the_augmentation_to_each_epoch() -> None:
     config = TrainConfig(epochs=3, gate_steps=2, probe_batches=2)
     Trainer(qm, loader, loader, Budget(rel_bops=50.0), config, seed=0).run()
     assert seen[1:] == [0, 1, 2]  # the constructor sets epoch 0, then each epoch of the schedule
+
+
+def test_the_augmented_set_pickles_for_spawned_workers_and_flips_numpy_examples() -> None:
+    import pickle
+
+    import numpy as np
+
+    ds = augment.Augmented(_images(), "hflip", seed=3)
+    copy = pickle.loads(pickle.dumps(ds))  # DataLoader workers started by spawn or forkserver get it this way
+    assert all(torch.equal(copy[i][0], ds[i][0]) for i in range(len(ds)))
+    arrays = [(np.arange(12, dtype=np.float32).reshape(1, 3, 4), 0)] * 64  # a --data function yielding numpy
+    flipped = augment.Augmented(arrays, "hflip", seed=3)
+    chosen = [i for i in range(64) if not np.array_equal(flipped[i][0], arrays[i][0])]
+    assert chosen and all(np.array_equal(flipped[i][0], arrays[i][0][..., ::-1]) for i in chosen)
+    batch = next(iter(DataLoader(flipped, batch_size=64)))[0]  # flipped and plain examples collate together
+    assert batch.shape == (64, 1, 3, 4)
+
+
+def test_the_probe_set_unwraps_only_the_augmentation_not_a_dataset_with_a_source_attribute() -> None:
+    class Named(TensorDataset):
+        source = "images/train"  # a user's dataset that happens to name where it came from
+
+    named = Named(*_images().tensors)
+    batches = probes.probe_set(DataLoader(named, batch_size=8), 2, seed=0, epoch=0)
+    assert len(batches) == 2 and batches[0][0].shape == (8, 1, 3, 4)
