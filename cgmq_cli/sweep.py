@@ -66,15 +66,16 @@ def shared_inputs(settings: "CompressSettings") -> tuple:
 
 
 def shared_start(settings: "CompressSettings", budgets: Sequence[Budget] = ()) -> Shared:
-    """Evaluate the float model and calibrate once, as compress would; every budget is checked first (exit 3)."""
+    """Evaluate the float model and calibrate once, as compress would; every budget and the augmentation are checked first."""
     import torch
 
+    from cgmq_cli import augment, data, losses
     from cgmq_cli import compress as compress_mod
-    from cgmq_cli import data, losses
     from cgmq_cli.trainer import evaluate
 
     torch.manual_seed(settings.seed)
     model, qm, bundle, profile, _ = compress_mod._build(settings)
+    augment.resolve(settings.augment, bundle.name, bundle.sample_shape, bundle.sample_dtype)  # as each run will
     for budget in budgets:
         compress_mod.check_budget(qm, budget, profile)
     device = settings.train.device

@@ -141,3 +141,21 @@ def test_bisection_bounds_runs_and_keeps_the_answer_met(monkeypatch, tmp_path: P
     assert all(v < chosen for v in failing)
     if runs == 6 and drop == 1.0:  # the true threshold is 1.5 * 2**(-1/3) = 1.19: bisection gets close
         assert 1.19 <= chosen < 1.6
+
+
+def test_an_augmentation_the_data_cannot_take_is_refused_before_the_sweep_directory_exists(tmp_path: Path) -> None:
+    import torch
+
+    (tmp_path / "flat.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n\n"
+        "class Net(nn.Sequential):\n    def __init__(self):\n        super().__init__(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))\n\n"
+        "def fn():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(96, 16, generator=g)\n"
+        "    ds = TensorDataset(x, torch.arange(96) % 3)\n    return ds, ds\n")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    out = tmp_path / "sw"
+    one_line_error(cli("sweep", tmp_path / "mlp.pt", "--arch", f"{tmp_path}/flat.py:Net", "--data",
+                       f"{tmp_path}/flat.py:fn", "--augment", "hflip", "--epochs", "1", "--budgets", "rel_bops=20,40",
+                       "--out", out), EXIT_BAD_INPUT, "--augment hflip transforms images")
+    assert not out.exists()
