@@ -185,14 +185,15 @@ class CgmqGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CgmqError as exc:
+            if not isinstance(exc, InterruptedRun) and is_interrupt(exc):  # e.g. a DataError around the import
+                self._interrupted(ctx)  # of a C extension that a signal broke
             if debug_enabled():
                 raise
             if isinstance(exc, InterruptedRun):
                 _quiet_after_interrupt()
             self._fail(ctx, exc.message, exc.hint, exc.exit_code, exc.result)
         except KeyboardInterrupt:
-            _quiet_after_interrupt()
-            self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
+            self._interrupted(ctx)
         except _USAGE_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":
                 raise
@@ -206,19 +207,26 @@ class CgmqGroup(TyperGroup):
             self._fail(ctx, f"code cgmq imported called sys.exit({exc.code!r})",
                        "an --arch, --loss or --data module must not exit", EXIT_BAD_INPUT)
         except OSError as exc:
+            if is_interrupt(exc):
+                self._interrupted(ctx)
             if debug_enabled():
                 raise
             error = os_error(exc, action="read or write")
             self._fail(ctx, error.message, error.hint, EXIT_BAD_INPUT)
         except Exception as exc:
             if is_interrupt(exc):  # the interrupt surfaced as another error (raised inside a C extension)
-                _quiet_after_interrupt()
-                self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
+                self._interrupted(ctx)
             if debug_enabled():
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
             self._fail(ctx, f"internal error: {type(exc).__name__}: {first[:300]}",
                        "this is a bug in cgmq; rerun with CGMQ_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
+        finally:
+            SIGNALLED["seen"] = False  # this command's signal must not turn a later command's errors into interrupts
+
+    def _interrupted(self, ctx: typer.Context) -> None:
+        _quiet_after_interrupt()
+        self._fail(ctx, "interrupted", None, EXIT_INTERRUPTED)
 
     @staticmethod
     def _fail(ctx: typer.Context, message: str, hint: str | None, code: int, result: dict | None = None) -> None:
