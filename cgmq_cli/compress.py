@@ -258,7 +258,6 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
            on_event: Callable[[Event], None], qm: QuantizedModel, trainer: Trainer, val_loader, loss_fn: Callable,
            profile: HardwareProfile, source: checkpoint.ModelSource, float_acc: float, notes: list[str],
            seconds: float, resume: bool) -> CompressResult:
-    device = trainer.config.device
     started = time.time() - seconds
     saved_once = resume
     log = None
@@ -287,6 +286,17 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
             save(trainer.state)
             saved_once = True
         state = trainer.run(save)
+        # evaluate, then model.pt, then report.json (finished once both exist); a failure here resumes to here
+        quant_acc = evaluate(qm.gm, val_loader, loss_fn, trainer.config.device, ctx)["accuracy"]
+        report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir,
+                         trainer.explain())
+        if ctx.is_main:
+            save_model(run_dir / "model.pt", qm, run_id or None)
+            atomic.write_json(run_dir / "report.json", report)
+            note = rundir.point_latest(run_dir)
+            if note:
+                on_event(Event("info", state.epoch, {"message": note}))
+        ctx.barrier()
     except BaseException as exc:  # one handler: an interrupt may come out of a C extension as any other error
         fresh = not saved_once and run is not None  # no checkpoint yet: the run directory is removed
         if is_interrupt(exc):
@@ -311,17 +321,6 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
     finally:
         if log is not None:
             log.close()
-    quant_acc = evaluate(qm.gm, val_loader, loss_fn, device, ctx)["accuracy"]
-    tensors = trainer.explain()
-    report = _report(settings, qm, profile, float_acc, quant_acc, state, time.time() - started, source, run_dir,
-                     tensors)
-    if ctx.is_main:
-        save_model(run_dir / "model.pt", qm, run.id if run is not None else None)
-        atomic.write_json(run_dir / "report.json", report)
-        note = rundir.point_latest(run_dir)
-        if note:
-            on_event(Event("info", state.epoch, {"message": note}))
-    ctx.barrier()
     return CompressResult(run_dir, report)
 
 
