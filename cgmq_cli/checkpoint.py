@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from cgmq_cli import safe_load
+from cgmq_cli import safe_load, safe_pt2
 from cgmq_cli.errors import CheckpointError
 from cgmq_cli.safe_load import guard_user_code
 from cgmq_cli.sanitize import cut
@@ -198,7 +198,7 @@ def load_model(spec: str, arch: str | None = None, trust: bool = False) -> tuple
 def _load_pt2(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...] | None, int | None, str]:
     """The program's module, the shape and dtype of one example of its first input, and its batch size
     when fixed."""
-    program = safe_load.load_pt2(path, trust)
+    program = safe_pt2.load_pt2(path, trust)
     args = program.example_inputs[0] if program.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
     integer = bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()
