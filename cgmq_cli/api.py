@@ -254,9 +254,9 @@ def resolve(run: str | Path | None) -> Path:
 
 def load_report(run: str | Path | None) -> dict:
     """report.json of a finished run, with its fields checked (no torch needed)."""
-    from cgmq_cli import rundir
+    from cgmq_cli import run_files
 
-    return rundir.read_report(resolve(run))
+    return run_files.read_report(resolve(run))
 
 
 @dataclass(frozen=True)

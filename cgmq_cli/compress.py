@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from cgmq_cli import __version__, api, atomic, augment, checkpoint, cost, data, distributed, losses, rundir
+from cgmq_cli import __version__, api, atomic, augment, checkpoint, cost, data, distributed, losses, run_files, rundir
 from cgmq_cli.distributed import DistContext
 from cgmq_cli.errors import (CgmqError, CheckpointError, InfeasibleBudgetError, InterruptedRun,
                              OutputError, TrainingError, UsageError, is_interrupt)
@@ -205,7 +205,7 @@ def resume(run_dir: Path, on_event: Callable[[Event], None] | None = None, trust
     if rundir.is_finished(run_dir):
         raise UsageError(f"{run_dir} is finished (report.json and model.pt exist); there is nothing to resume",
                          f"see it with `cgmq report {run_dir}`, or start a new run")
-    config = rundir.read_config(run_dir)
+    config = run_files.read_config(run_dir)
     request = settings_mod.from_config(config["settings"], str(run_dir / "config.json"))
     request = replace(request, out=str(run_dir), trust=trust)
     vet_code(run_dir, code_specs(request, request.arch), trust, notify)
@@ -332,7 +332,7 @@ def _save_checkpoint(run_dir: Path, qm: QuantizedModel, state: TrainState, secon
 
 
 def _restore(run_dir: Path, qm: QuantizedModel, trainer: Trainer) -> float:
-    ckpt = rundir.read_torch_state(run_dir, "checkpoint.pt", {"model": dict, "epoch": int, "history": list,
+    ckpt = run_files.read_torch_state(run_dir, "checkpoint.pt", {"model": dict, "epoch": int, "history": list,
                                                                 "bad_batches": int})
     if not 0 <= ckpt["epoch"] <= len(trainer.config.schedule()):
         raise CheckpointError(f"{run_dir / 'checkpoint.pt'} records epoch {ckpt['epoch']}, outside this run's "

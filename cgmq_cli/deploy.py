@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from cgmq_cli import atomic, data, rundir
+from cgmq_cli import atomic, data, run_files, rundir
 from cgmq_cli.saved_run import load_run
 from cgmq_cli.errors import (CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError,
                              is_interrupt, os_error)
@@ -180,7 +180,7 @@ def original_model(run_dir: Path, settings, trust: bool = False) -> torch.nn.Mod
     """
     from cgmq_cli import checkpoint
 
-    source = rundir.read_config(run_dir)["source"]
+    source = run_files.read_config(run_dir)["source"]
     if source["kind"] == "torchvision":
         torch.manual_seed(settings.seed)
         model, _ = checkpoint.load_model(source["model"], None, False)

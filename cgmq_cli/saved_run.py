@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from cgmq_cli import api, atomic, checkpoint, rundir, safe_load
+from cgmq_cli import api, atomic, checkpoint, run_files, rundir, safe_load
 from cgmq_cli.errors import CheckpointError, UsageError
 from cgmq_cli.profiles import HardwareProfile, load_profile, parse_profile
 from cgmq_cli.qmodel import QuantizedModel
@@ -88,12 +88,12 @@ def load_run(run_dir: Path, trust: bool = False, notify: Callable[[str], None] |
     from cgmq_cli import settings as settings_mod
 
     run_dir = Path(run_dir)
-    config = rundir.read_config(run_dir)
+    config = run_files.read_config(run_dir)
     settings = settings_mod.from_config(config["settings"], str(run_dir / "config.json"))
-    report = rundir.read_report(run_dir)
+    report = run_files.read_report(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise UsageError(f"{run_dir} has no model.pt: the run did not finish", f"resume it: cgmq compress --resume {run_dir}")
-    saved = rundir.read_torch_state(run_dir, "model.pt", {"state_dict": dict, "widths": dict})
+    saved = run_files.read_torch_state(run_dir, "model.pt", {"state_dict": dict, "widths": dict})
     if saved.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{run_dir / 'model.pt'} is not a {MODEL_FORMAT} file", "compress again")
     profile = resolve_profile(settings, run_dir)
