@@ -387,12 +387,13 @@ def check(
     """CI gate: exit 0 only when the run is within its budgets and every given threshold holds."""
     from cgmq_cli import checks, settings
 
-    limits = dict(max_bops=settings.parse_number(max_bops, "--max-bops"),
-                  max_rel_bops=settings.parse_number(max_rel_bops, "--max-rel-bops"),
-                  max_weight_bytes=settings.parse_number(max_weight_bytes, "--max-weight-bytes"),
+    limits = dict(max_bops=settings.parse_limit(max_bops, "bops", "--max-bops"),
+                  max_rel_bops=settings.parse_limit(max_rel_bops, "rel_bops", "--max-rel-bops"),
+                  max_weight_bytes=settings.parse_limit(max_weight_bytes, "weight_bytes", "--max-weight-bytes"),
                   min_accuracy=settings.parse_threshold(min_accuracy, "--min-accuracy", fraction_hint=True),
                   max_accuracy_drop=settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop"),
-                  min_coverage=settings.parse_threshold(min_coverage, "--min-coverage"))
+                  min_coverage=settings.parse_threshold(min_coverage, "--min-coverage",
+                                                        unit="coverage is in percent of the model's MACs"))
     (run_dir, rep_dict), = _load_reports([run] if run else None)
     results = checks.run_checks(rep_dict, **limits)
     failed = [r for r in results if not r.ok]
@@ -446,9 +447,10 @@ def verify(
     """Read every layer's widths back from an ONNX file's Q/DQ nodes; compute BOPs and weight bytes."""
     from cgmq_cli import settings
 
-    result = api.verify(onnx_file, settings.parse_number(budget_bops, "--budget-bops"),
-                        settings.parse_number(budget_rel_bops, "--budget-rel-bops"),
-                        settings.parse_number(budget_weight_bytes, "--budget-weight-bytes"), runtime=runtime)
+    result = api.verify(onnx_file, settings.parse_limit(budget_bops, "bops", "--budget-bops"),
+                        settings.parse_limit(budget_rel_bops, "rel_bops", "--budget-rel-bops"),
+                        settings.parse_limit(budget_weight_bytes, "weight_bytes", "--budget-weight-bytes"),
+                        runtime=runtime)
     if not as_json:
         render.verify_table(onnx_file, result.widths, result.budget["bops"], result.budget["weight_bytes"],
                             result.openvino)

@@ -6,6 +6,7 @@ The run directory's life (markers, locks, replacing, ``latest``) is :mod:`cgmq_c
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,7 +66,8 @@ def read_config(run_dir: Path) -> dict:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (JSON from Python may hold NaN and Infinity, which no cost or accuracy can be)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_report(run_dir: Path) -> dict:

@@ -137,12 +137,26 @@ def parse_number(value: Any, what: str) -> float | None:
     return number
 
 
-def parse_threshold(value: float | None, flag: str, fraction_hint: bool = False) -> float | None:
+def parse_limit(value: Any, key: str, flag: str) -> float | None:
+    """A limit on budget metric ``key`` from ``flag``: a positive finite number within the metric's bounds."""
+    number = parse_number(value, flag)
+    if number is not None:
+        try:
+            Budget(**{key: number})
+        except BudgetValueError as exc:
+            from cgmq_cli.metrics import METRICS
+
+            raise UsageError(f"{flag} {number:g}: {exc.allowed}", f"{key} is {METRICS[key].help}") from None
+    return number
+
+
+def parse_threshold(value: float | None, flag: str, fraction_hint: bool = False,
+                    unit: str = "accuracy is in percent") -> float | None:
     """An accuracy threshold in percent: within [0, 100]; with ``fraction_hint`` a value in (0, 1] is refused too."""
     if value is None:
         return None
     if not math.isfinite(value) or not 0 <= value <= 100:
-        raise UsageError(f"{flag} {short(value)}: must be a percentage from 0 to 100", "accuracy is in percent")
+        raise UsageError(f"{flag} {short(value)}: must be a percentage from 0 to 100", unit)
     if fraction_hint and 0 < value <= 1:
         raise UsageError(f"{flag} {value:g} looks like a fraction, but accuracy is in percent",
                          f"accuracy is in percent; did you mean {value * 100:g}?")

@@ -52,6 +52,15 @@ def test_check_thresholds_outside_percent_are_refused(finished_run: Path, flag: 
     _hinted(cli("check", finished_run, flag, value), EXIT_BAD_INPUT, flag, needle)
 
 
+def test_budget_limits_of_check_and_verify_have_the_budgets_bounds(run_copy: Path, tmp_path: Path) -> None:
+    _hinted(cli("check", run_copy, "--max-rel-bops", "500"), EXIT_BAD_INPUT, "--max-rel-bops 500", "at most 100")
+    _hinted(cli("check", run_copy, "--min-coverage", "150"), EXIT_BAD_INPUT, "coverage is in percent")
+    onnx_file = tmp_path / "m.onnx"
+    assert cli("export", run_copy, "--onnx", onnx_file).exit_code == 0
+    _hinted(cli("verify", onnx_file, "--budget-rel-bops", "101"), EXIT_BAD_INPUT, "--budget-rel-bops 101", "at most 100")
+    assert cli("verify", onnx_file, "--budget-rel-bops", "100").exit_code == 0
+
+
 def test_check_thresholds_inside_percent_are_checked(finished_run: Path) -> None:
     assert cli("check", finished_run, "--min-accuracy", "0", "--max-accuracy-drop", "100").exit_code == 0
     assert cli("check", finished_run, "--max-accuracy-drop", "0.5").exit_code in (0, 4)  # a small drop is plausible
@@ -198,6 +207,8 @@ def test_edited_config_json(run_copy: Path, edit: str) -> None:
     (lambda r: {k: v for k, v in r.items() if k != "cost"}, "lacks `cost`"),
     (lambda r: {**r, "cost": {**r["cost"], "bops": "many"}}, "cost.bops"),
     (lambda r: {**r, "layers": [1, 2]}, "layers[0]"),
+    (lambda r: {**r, "cost": {**r["cost"], "rel_bops": float("nan")}}, "cost.rel_bops = nan"),
+    (lambda r: {**r, "accuracy": {**r["accuracy"], "quantized": float("inf")}}, "accuracy.quantized = inf"),
 ])
 def test_edited_report_json(run_copy: Path, change, needle: str) -> None:  # noqa: ANN001
     _edit_json(run_copy / "report.json", change)
