@@ -410,7 +410,9 @@ def sweep_target(settings: "CompressSettings", key: str, low: float, high: float
 
 def is_sweep(path: str | Path) -> bool:
     """Whether ``path`` is a sweep directory (it holds sweep.json)."""
-    return (Path(path) / "sweep.json").is_file()
+    from cgmq_cli.sweep import SWEEP_FILE
+
+    return (Path(path) / SWEEP_FILE).is_file()
 
 
 def load_sweep(path: str | Path) -> dict:

@@ -15,6 +15,7 @@ from cgmq_cli.atomic import read_json
 from cgmq_cli.errors import CheckpointError, UsageError
 from cgmq_cli.rundir import MARKER, run_id
 from cgmq_cli.sanitize import short
+from cgmq_cli.sweep import SWEEP_FILE
 
 SOURCE_KINDS = ("state_dict", "pt2", "torchvision", "pickle")  # config.json's source.kind
 
@@ -34,9 +35,19 @@ CONFIG_KEYS = ("cgmq_version", "settings", "source", "sample_shape", "sample_dty
 SOURCE_KEYS = ("model", "arch", "trusted", "sha256", "kind", "sample_shape")
 
 
+def _refuse_sweep(run_dir: Path) -> None:
+    """A sweep directory holds runs but is not one: say which to pass instead of "config.json is missing"."""
+    if (run_dir / SWEEP_FILE).is_file():
+        runs = sorted(p.name for p in run_dir.iterdir() if not p.is_symlink() and (p / "report.json").is_file())
+        raise UsageError(f"{run_dir} is a sweep, not one run",
+                         f"pass one of its runs, e.g. {run_dir / runs[0]}" if runs else "pass one of its runs")
+
+
 def read_config(run_dir: Path) -> dict:
     """config.json with its shape checked (settings are checked by :func:`cgmq_cli.settings.from_config`)."""
     path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        _refuse_sweep(Path(run_dir))
     config = read_json(path)
     if not isinstance(config, dict):
         raise _shape_error(path, f"is a {type(config).__name__}, not a JSON object")
@@ -74,6 +85,7 @@ def read_report(run_dir: Path) -> dict:
     """report.json with the fields every renderer and check reads present and well typed."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
+        _refuse_sweep(Path(run_dir))
         raise UsageError(f"{run_dir} has no report.json: the run did not finish",
                          f"resume it: cgmq compress --resume {run_dir}")
     report = read_json(path)

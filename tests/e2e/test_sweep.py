@@ -63,6 +63,9 @@ def test_report_shows_a_sweep(swept) -> None:
     one_line_error(cli("report", out, "--explain"), EXIT_BAD_INPUT, "is a sweep")
     one_line_error(cli("report", out, out / "rel_bops-1"), EXIT_BAD_INPUT, "is a sweep directory")
     assert cli("report", out / "rel_bops-1").exit_code == 0  # its runs are ordinary runs
+    for command in (["check", out], ["export", out, "--onnx", out.parent / "x.onnx"], ["compress", "--resume", out]):
+        one_line_error(cli(*command), EXIT_BAD_INPUT, f"{out} is a sweep, not one run", f"e.g. {out / 'rel_bops-0.6'}")
+    assert not (out.parent / "x.onnx").exists()
 
 
 def test_target_meets_the_drop(digits_ckpt: str, tmp_path: Path) -> None:
