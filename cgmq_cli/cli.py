@@ -224,7 +224,7 @@ def sweep(
     model: Optional[str] = typer.Argument(None, help="Model file (.pt2, state_dict, trusted pickle) or torchvision:NAME; may come from cgmq.yaml."),
     budgets: str = typer.Option(..., "--budgets", help="The swept budget: KEY=V1,V2,... with KEY bops, rel_bops, weight_bytes or cost, e.g. rel_bops=0.6,1,2,4; with --max-accuracy-drop the interval LOW,HIGH."),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Find the smallest budget whose accuracy drop (float minus quantized, points) is at most D, by bisection."),
-    max_runs: int = typer.Option(6, "--max-runs", help="With --max-accuracy-drop: at most N compress runs (2 to 6)."),
+    max_runs: Optional[int] = typer.Option(None, "--max-runs", help="With --max-accuracy-drop: at most N compress runs (2 to 6; default 6)."),
     arch: Optional[str] = ArchOpt,
     input_shape: Optional[str] = ShapeOpt,
     leaf: Optional[List[str]] = LeafOpt,
@@ -258,6 +258,12 @@ def sweep(
     from cgmq_cli import sweep as sweep_mod
 
     key, values = sweep_mod.parse_budgets(budgets)
+    if max_accuracy_drop is None and max_runs is not None:
+        raise UsageError("--max-runs bounds the search of --max-accuracy-drop; a plain sweep runs every budget",
+                         "add --max-accuracy-drop D, or drop --max-runs")
+    if max_accuracy_drop is not None and len(values) != 2:
+        raise UsageError(f"--max-accuracy-drop searches an interval: give --budgets KEY=LOW,HIGH, not {len(values)} "
+                         "value(s)", f"e.g. --budgets {key}=0.5,8")
     fixed = _budget_flags(budget_bops, budget_rel_bops, budget_weight_bytes, budget_cost)
     if fixed.get(key) is not None:
         raise UsageError(f"--budget-{key.replace('_', '-')} and --budgets {key}=... both set the swept budget",
@@ -276,11 +282,8 @@ def sweep(
             result = api.sweep(request, key, values, target, progress, render.info, force)
         else:
             drop = settings.parse_threshold(max_accuracy_drop, "--max-accuracy-drop")
-            if len(values) < 2:
-                raise UsageError("--max-accuracy-drop searches an interval: give --budgets KEY=LOW,HIGH",
-                                 f"e.g. --budgets {key}=0.5,8")
-            result = api.sweep_target(request, key, values[0], values[-1], drop, target, max_runs, progress,
-                                      render.info, force)
+            result = api.sweep_target(request, key, values[0], values[-1], drop, target,
+                                      sweep_mod.MAX_RUNS if max_runs is None else max_runs, progress, render.info, force)
     if max_accuracy_drop is not None and result.chosen is None:
         raise CheckFailedError(f"no budget up to {key}={values[-1]:g} kept the accuracy drop within "
                                f"{max_accuracy_drop:g} points (see {result.path})",

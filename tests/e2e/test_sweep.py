@@ -97,6 +97,10 @@ def test_refused_before_any_run(digits_ckpt: str, tmp_path: Path) -> None:
                        "3", "--out", out), EXIT_BAD_INPUT, "both set the swept budget")
     one_line_error(cli("sweep", digits_ckpt, "--arch", ARCH, *TINY, "--budgets", "rel_bops=1", "--max-accuracy-drop",
                        "1", "--out", out), EXIT_BAD_INPUT, "LOW,HIGH")
+    one_line_error(cli("sweep", digits_ckpt, "--arch", ARCH, *TINY, "--budgets", "rel_bops=1,2,3", "--max-accuracy-drop",
+                       "1", "--out", out), EXIT_BAD_INPUT, "LOW,HIGH, not 3 value(s)")  # the 2 was dropped unsaid
+    one_line_error(cli("sweep", digits_ckpt, "--arch", ARCH, *TINY, "--budgets", "rel_bops=1.5", "--max-runs", "3",
+                       "--out", out), EXIT_BAD_INPUT, "--max-runs bounds the search of --max-accuracy-drop")
     assert not out.exists()
 
 
