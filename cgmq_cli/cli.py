@@ -475,6 +475,9 @@ def demo(
 
     from cgmq_cli import data, models, rundir, settings
     from cgmq_cli import report as rep
+    from cgmq_cli.budget import Budget
+    from cgmq_cli.compress import check_budget
+    from cgmq_cli.profiles import load_profile
     from cgmq_cli.trainer import evaluate, train_float
 
     epochs = settings.check_setting("epochs", epochs, "--epochs")
@@ -482,10 +485,12 @@ def demo(
     out_dir = Path(out)
     float_dir = out_dir.parent / f"{out_dir.name}-float"
     float_path = float_dir / "digits_cnn.pt"
-    rundir.check_new_run(out_dir, force)  # both outputs are checked before anything is written
+    rundir.check_new_run(out_dir, force)  # both outputs and the budget are checked before anything is written
     rundir.check_demo_dir(float_dir, force)
-    render.info(f"1/4 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
     bundle = data.load_data("digits")
+    generic = load_profile(None)
+    check_budget(api.prepare(models.DigitsCNN(), bundle.sample_shape, (), generic), Budget(rel_bops=budget), generic)
+    render.info(f"1/4 training a float DigitsCNN on scikit-learn's digits (offline) -> {float_path}")
     train_loader, val_loader = data.make_loaders(bundle, 32, 0, 0)
     model = train_float(models.DigitsCNN(), train_loader, epochs=15, lr=3e-3, seed=0)
     acc = evaluate(model, val_loader, torch.nn.functional.cross_entropy, "cpu")["accuracy"]

@@ -21,7 +21,7 @@ import onnx
 import pytest
 
 from cgmq_cli import atomic, rundir
-from cgmq_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from cgmq_cli.errors import EXIT_BAD_INPUT, EXIT_INFEASIBLE, EXIT_INTERRUPTED
 from cli_helpers import ARCH, FAST, cli, one_line_error, snapshot
 
 
@@ -221,6 +221,12 @@ def test_demo_never_overwrites_its_float_folder_without_force(tmp_path: Path) ->
 def test_demo_validates_its_flags_first(tmp_path: Path, flag: str, value: str) -> None:
     one_line_error(cli("demo", "--out", tmp_path / "D", flag, value), EXIT_BAD_INPUT, flag)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_an_unreachable_budget_before_it_trains_or_writes(tmp_path: Path) -> None:
+    one_line_error(cli("demo", "--out", tmp_path / "D", "--budget-rel-bops", "0.0001"), EXIT_INFEASIBLE,
+                   "below the minimum reachable")
+    assert list(tmp_path.iterdir()) == []  # the float model's folder used to stay and block the next demo
 
 
 # -- (9) signals and stale temporaries --------------------------------------------------------------------
