@@ -78,6 +78,8 @@ def _check_target(path: Path, flag: str, force: bool) -> None:
     if path.exists():
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a directory", "name a file, e.g. model.onnx")
+        if not path.is_file():  # reading a FIFO to see whether cgmq made it would wait forever
+            raise UsageError(f"{flag} {path} is not a regular file (a pipe, socket or device)", "name a file, e.g. model.onnx")
         if not force:
             raise UsageError(f"{path} already exists", "pass --force to replace it, or choose another path")
         if not _is_cgmq_onnx(path):

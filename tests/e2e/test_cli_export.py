@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnx
@@ -76,6 +77,11 @@ def test_export_never_overwrites_without_force(runs: dict[float, Path]) -> None:
     assert runner.invoke(app, ["export", str(run), "--onnx", str(ours)]).exit_code == 0
     again = runner.invoke(app, ["export", str(run), "--onnx", str(ours), "--force"])  # cgmq's own export: replaced
     assert again.exit_code == 0 and onnx.load(str(ours)).graph.node
+    pipe = run / "pipe.onnx"
+    os.mkfifo(pipe)  # reading it to see whether cgmq made it would block forever
+    for args in ([], ["--force"]):
+        piped = runner.invoke(app, ["export", str(run), "--onnx", str(pipe), *args])
+        assert piped.exit_code == 2 and "is not a regular file" in piped.stderr
 
 
 def test_export_opset_17_and_21(runs: dict[float, Path]) -> None:
