@@ -20,7 +20,7 @@ from cgmq_cli import atomic, data, run_files, rundir
 from cgmq_cli.saved_run import load_run
 from cgmq_cli.errors import (CgmqError, CheckFailedError, ExportError, InterruptedRun, OutputError, UsageError,
                              is_interrupt, os_error)
-from cgmq_cli.export import onnx_qdq, verify
+from cgmq_cli.export import onnx_qdq, opsets, verify
 
 PARITY_BATCHES = 32  # up to 32 validation batches (every example of small sets)
 DEFAULT_OPSET = 25
@@ -201,8 +201,8 @@ def export_original(model: torch.nn.Module, sample_shape: tuple[int, ...], path:
     import onnx
 
     proto, dynamic = onnx_qdq._torch_export(model, tuple(sample_shape), opset)
-    if onnx_qdq._opset_of(proto) != opset:
-        proto = onnx_qdq._convert_down(proto, opset)
+    if opsets.opset_of(proto) != opset:
+        proto = opsets.convert_down(proto, opset)
     onnx_qdq._finalize(proto, opset, {"cgmq.kind": "float-original", "cgmq.opset": str(opset),
                                       **{f"cgmq.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}})
     try:

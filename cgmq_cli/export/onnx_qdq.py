@@ -24,7 +24,7 @@ with the onnx helpers, where it controls every node:
    custom op is left in the file.
 
 torch.onnx translates to opset 18 and newer; for ``opset`` 13-17 the finished
-graph is exported at 18 and converted down with onnx's version converter.
+graph is exported at 18 and converted down by :mod:`cgmq_cli.export.opsets`.
 
 The float model (:func:`export_float`) goes through the very same path with
 every width at 32, so both files have the same structure and layer names.
@@ -50,7 +50,7 @@ from torch import fx
 
 from cgmq_cli import __version__
 from cgmq_cli.errors import ExportError, ParityError
-from cgmq_cli.export import diagnose, qdq_types, verify
+from cgmq_cli.export import diagnose, opsets, qdq_types, verify
 from cgmq_cli.export.qdq_rewrite import MARK_DOMAIN, MARK_OP, Mark, Rewritten, rewrite
 from cgmq_cli.graph import passes
 from cgmq_cli.ops.base import attr_tensor
@@ -214,51 +214,6 @@ def _torch_export(module: fx.GraphModule, sample_shape: tuple[int, ...], opset: 
     return model, dynamic is not None
 
 
-def _opset_of(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _drop_default_attributes(node: onnx.NodeProto, source: int, target: int) -> None:
-    """Remove attributes the target schema lacks when they hold the newer schema's default.
-
-    onnx's converter leaves e.g. ReduceMean's ``noop_with_empty_axes=0`` in
-    place when going 18 -> 17; at its default it only restates old behaviour.
-    """
-    known = onnx.defs.get_schema(node.op_type, target).attributes
-    newer = onnx.defs.get_schema(node.op_type, source).attributes
-    keep = []
-    for attr in node.attribute:
-        if attr.name in known:
-            keep.append(attr)
-            continue
-        default = newer[attr.name].default_value if attr.name in newer else None
-        if default is None or not default.HasField("type") \
-                or onnx.helper.get_attribute_value(default) != onnx.helper.get_attribute_value(attr):
-            raise ExportError(f"cannot convert {node.op_type} to opset {target}: attribute `{attr.name}` is set",
-                              "use --opset 18 or higher")
-    del node.attribute[:]
-    node.attribute.extend(keep)
-
-
-def _convert_down(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """onnx's version converter, keeping node and model metadata it may drop."""
-    node_meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.metadata_props}
-    try:
-        converted = onnx.version_converter.convert_version(model, opset)
-    except Exception as exc:
-        raise ExportError(f"cannot convert the graph to opset {opset}: {str(exc).strip().splitlines()[0][:200]}",
-                          "use --opset 18 or higher") from None
-    source = _opset_of(model)
-    for node in converted.graph.node:
-        if node.name in node_meta and not node.metadata_props:
-            node.metadata_props.extend(node_meta[node.name])
-        if node.domain in ("", "ai.onnx"):
-            _drop_default_attributes(node, source, opset)
-    if not converted.metadata_props:
-        converted.metadata_props.extend(model.metadata_props)
-    return converted
-
-
 def _finalize(model: onnx.ModelProto, opset: int, metadata: dict[str, str]) -> None:
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     model.producer_name = "cgmq"
@@ -342,10 +297,10 @@ def _build(qm, opset: int, metadata: dict | None, float_only: bool,
     finally:
         qm.gm.train(was_training)
     records = rewrite(model, marks, opset, containers)
-    if _opset_of(model) != opset:
-        model = _convert_down(model, opset)
-    if _opset_of(model) != opset:
-        raise ExportError(f"could not produce opset {opset} (got opset {_opset_of(model)})", "use --opset 18 or higher")
+    if opsets.opset_of(model) != opset:
+        model = opsets.convert_down(model, opset)
+    if opsets.opset_of(model) != opset:
+        raise ExportError(f"could not produce opset {opset} (got opset {opsets.opset_of(model)})", "use --opset 18 or higher")
     _finalize(model, opset, _metadata(qm, opset, metadata, float_only))
     try:
         onnx.checker.check_model(model, full_check=True)

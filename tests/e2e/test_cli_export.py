@@ -84,10 +84,10 @@ def test_export_never_overwrites_without_force(runs: dict[float, Path]) -> None:
         assert piped.exit_code == 2 and "is not a regular file" in piped.stderr
 
 
-def test_export_opset_17_and_21(runs: dict[float, Path]) -> None:
+def test_export_opsets_13_17_and_21(runs: dict[float, Path]) -> None:
     run = runs[0.8]
     widths = {w for l in json.loads((run / "report.json").read_text())["layers"] for w in (l["bits_w"], l["bits_a"])}
-    for opset in (17, 21):
+    for opset in (13, 17, 21):
         path = run / f"o{opset}.onnx"
         result = runner.invoke(app, ["export", str(run), "--onnx", str(path), "--opset", str(opset), "--json"])
         if opset < 21 and 16 in widths:  # no standard 16-bit container before opset 21
