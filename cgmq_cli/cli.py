@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
@@ -275,8 +274,7 @@ def sweep(
                             loss=loss, out=None, gate_steps=gate_steps, finish=finish, amp=amp)
     fixed[key] = values[-1]  # any value: the settings must hold a budget to be complete; each point sets its own
     request = settings.resolve_compress(flags, fixed)
-    stem = Path(request.model.split(":")[-1]).stem or "model"
-    target = Path(out) if out else Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"  # not cgmq.yaml's out
+    target = Path(out or settings.default_out(request.model, "sweep"))  # not cgmq.yaml's out
     with terminate_as_interrupt(), render.TrainProgress(schedule=_schedule(request)) as progress:
         if max_accuracy_drop is None:
             result = api.sweep(request, key, values, target, progress, render.info, force)

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from cgmq_cli.augment import CHOICES as AUGMENT_CHOICES
 from cgmq_cli.budget import BUDGET_KEYS, Budget, BudgetValueError
-from cgmq_cli.errors import UsageError
+from cgmq_cli.errors import CgmqError, UsageError
+from cgmq_cli.profiles import VALID_BITS
 from cgmq_cli.safe_load import read_yaml
 from cgmq_cli.sanitize import cut, short
 
@@ -175,6 +176,8 @@ def parse_bits(value: Any, what: str) -> tuple[int, ...] | None:
         if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit())):
             raise _bad(what, value, "expected widths like 2,4,8", "write 4,8 on the command line or [4, 8] in YAML")
         bits.append(int(item))
+        if bits[-1] not in VALID_BITS:
+            raise _bad(what, value, f"{bits[-1]} is not a bit-width", "allowed widths are 2, 4, 8, 16, 32 (32 = float)")
     if not bits:
         raise UsageError(f"{what} is empty")
     return tuple(sorted(set(bits)))
@@ -304,9 +307,10 @@ def merged(flags: Mapping[str, Any], project: Mapping[str, Any], defaults: Mappi
     return out
 
 
-def _default_out(model: str) -> str:
-    stem = Path(model.split(":")[-1]).stem or "model"
-    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+def default_out(model: str, kind: str = "") -> str:
+    """``runs/[KIND-]STEM-TIME`` for a model; the stem is cut so that the name fits any file system (255 bytes)."""
+    stem = (Path(model.split(":")[-1]).stem or "model").encode()[:96].decode(errors="ignore") or "model"
+    return str(Path("runs") / f"{kind}{'-' if kind else ''}{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _train_config(values: dict) -> "TrainConfig":
@@ -329,7 +333,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
     from cgmq_cli.trainer import TrainConfig
 
     checked_flags = {k: (check_setting(k, v, flag_name(k)) if v is not None else None) for k, v in flags.items()}
-    project, _ = read_project() if project_file else ({}, None)
+    project, source = read_project() if project_file else ({}, None)
     values = merged(checked_flags, project, {"batch_size": 64, "workers": 0, "seed": 0, "epochs": TrainConfig.epochs,
                                             "augment": "none"})
     if not values.get("model"):
@@ -337,7 +341,18 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
     if not values.get("data"):
         raise UsageError("no training data given", "pass --data SPEC (e.g. --data digits or --data fashion-mnist:DIR), "
                          "or set `data` in cgmq.yaml / [tool.cgmq]")
-    profile = load_profile(values.get("profile"))
+    try:
+        profile = load_profile(values.get("profile"))
+    except CgmqError as exc:
+        if checked_flags.get("profile") is None and project.get("profile") is not None:  # name the file, not a flag
+            raise type(exc)(f"{source}: profile: {exc.message}", exc.hint) from None
+        raise
+    if str(values.get("device") or "").startswith("cuda") and checked_flags.get("device") is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{source}: device = {values['device']}: CUDA is not available on this machine",
+                             "set device: cpu there, or pass --device cpu")
     budgets = profile.default_budgets.as_dict()
     budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})
     budgets.update({k: v for k, v in budget_flags.items() if v is not None})
@@ -351,7 +366,7 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
         raise UsageError("label_smoothing applies to the built-in cross-entropy, not to --loss",
                          "smooth the targets inside your loss, or remove label_smoothing from the project file")
     return CompressSettings(
-        model=values["model"], data=values["data"], out=values.get("out") or _default_out(values["model"]),
+        model=values["model"], data=values["data"], out=values.get("out") or default_out(values["model"]),
         budget=budget, arch=values.get("arch"), trust=bool(checked_flags.get("trust")),
         leaves=tuple(values.get("leaf") or ()), input_shape=values.get("input_shape"), profile=values.get("profile"),
         weight_bits=values.get("weight_bits"), act_bits=values.get("act_bits"),

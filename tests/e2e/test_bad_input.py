@@ -130,6 +130,9 @@ def test_gate_steps_zero_means_one_pass(digits_ckpt: str, tmp_path: Path) -> Non
     ("gate_share: 1.5\n", "gate_share"),
     ("augment: [hflip]\n", "augment"),
     ("augment: rotate\n", "augment"),
+    ("weight_bits: 3\n", "weight_bits = 3: 3 is not a bit-width"),  # was blamed on --weight-bits, never passed
+    ("act_bits: [4, 5]\n", "5 is not a bit-width"),
+    ("profile: nope\n", "profile: unknown profile `nope`"),
 ])
 def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yaml_text: str,
                           needle: str) -> None:
@@ -138,6 +141,24 @@ def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.
     one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits", *INFEASIBLE), EXIT_BAD_INPUT,
                    "cgmq.yaml", needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgmq.yaml"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the project file's device must be unavailable")
+def test_a_project_files_cuda_device_is_named_when_cuda_is_missing(digits_ckpt: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgmq.yaml").write_text("device: cuda\n")
+    one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits", *INFEASIBLE), EXIT_BAD_INPUT,
+                   "cgmq.yaml: device = cuda: CUDA is not available")
+
+
+def test_the_default_run_name_of_a_long_model_file_name_fits_the_file_system() -> None:
+    from cgmq_cli import settings
+
+    for stem in ("m" * 245, "\u00e9" * 200):
+        name = Path(settings.default_out(f"{stem}.pt")).name
+        assert len(name.encode()) <= 255 and name.startswith(stem[:40])
+    assert Path(settings.default_out("torchvision:resnet18", "sweep")).name.startswith("sweep-resnet18-")
 
 
 def test_label_smoothing_is_refused_beside_a_loss_of_your_own(digits_ckpt: str, tmp_path: Path,
