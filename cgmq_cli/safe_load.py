@@ -47,7 +47,8 @@ def _read_regular(path: Path, what: str, limit: int, error: type[CgmqError]) -> 
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise error(f"{what} not found") from None
+        dangling = path.is_symlink()
+        raise error(f"{what} is a symbolic link to a missing file" if dangling else f"{what} not found") from None
     except OSError as exc:
         raise error(f"cannot read {what}: {exc.strerror}") from None
     if stat.S_ISDIR(info.st_mode):

@@ -266,7 +266,7 @@ def read_project(directory: Path | None = None) -> tuple[dict[str, Any], str | N
     """The project settings, validated, and where they came from (``cgmq.yaml`` first, then pyproject.toml)."""
     directory = directory or Path.cwd()
     yaml_path = directory / "cgmq.yaml"
-    if yaml_path.exists():
+    if yaml_path.exists() or yaml_path.is_symlink():  # a dangling link is an error, not "no project file"
         data = read_yaml(yaml_path, str(yaml_path), UsageError) or {}
         source = str(yaml_path)
     else:

@@ -143,6 +143,14 @@ def test_bad_project_keys(digits_ckpt: str, tmp_path: Path, monkeypatch: pytest.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgmq.yaml"]
 
 
+def test_a_dangling_project_file_link_is_an_error_not_no_project_file(digits_ckpt: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgmq.yaml").symlink_to(tmp_path / "moved" / "cgmq.yaml")
+    one_line_error(cli("compress", digits_ckpt, "--arch", ARCH, "--data", "digits", *INFEASIBLE), EXIT_BAD_INPUT,
+                   "cgmq.yaml is a symbolic link to a missing file")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the project file's device must be unavailable")
 def test_a_project_files_cuda_device_is_named_when_cuda_is_missing(digits_ckpt: str, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
