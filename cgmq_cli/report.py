@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from cgmq_cli.errors import UsageError
 from cgmq_cli.render import Grid, coverage_line
@@ -100,18 +101,26 @@ def blocks(report: dict) -> list:
     return [layers, budgets, *lines, *notes(report)]
 
 
+def _code(text: Any) -> str:
+    """``text`` as a Markdown code span that survives a table cell: ``|`` escaped, a fence longer than any backtick run."""
+    text = str(text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if fence != "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def markdown(report: dict) -> str:
     """One run as GitHub-flavoured Markdown (pastes cleanly into a pull request)."""
     report = clean_tree(report)
     c, acc = report["cost"], report["accuracy"]
-    out = [f"### cgmq run `{report['run']}`", "",
+    out = [f"### cgmq run {_code(report['run'])}", "",
            f"**Within budget: {'yes' if report['feasible'] else 'NO'}** · relative BOPs {c['rel_bops']:.3f}% · "
            f"accuracy {acc['quantized']:.2f}% (float {acc['float']:.2f}%, {acc['quantized'] - acc['float']:+.2f} points)", "",
            report_coverage_line(report), "",
            "| budget | limit | used | margin |", "|---|---:|---:|---:|"]
     out += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in budget_rows(report)]
     out += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|---|---|---:|---:|---|---:|---:|---:|"]
-    out += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in _layer_rows(report)]
+    out += ["| " + " | ".join(_code(r[0]) if i == 0 else r[i] for i in range(len(r))) + " |" for r in _layer_rows(report)]
     out += ["", _settings_line(report)]
     out += [f"\n> {note}" for note in notes(report)]
     return "\n".join(out) + "\n"
@@ -153,8 +162,8 @@ def comparison_rows(reports: Sequence[dict]) -> tuple[list[str], list[list[str]]
 
 def comparison_markdown(reports: Sequence[dict]) -> str:
     header, rows = comparison_rows(reports)
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out = ["| " + " | ".join(c.replace("|", "\\|") for c in header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(out) + "\n"
 
 
@@ -222,9 +231,9 @@ def sweep_table(table: dict) -> list:
 
 def sweep_markdown(table: dict) -> str:
     cols = _sweep_columns(table)
-    out = [f"### cgmq sweep `{clean_tree(table['sweep'])}` over {table['key']}", "",
+    out = [f"### cgmq sweep {_code(clean_tree(table['sweep']))} over {table['key']}", "",
            "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-    out += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in sweep_rows(table)]
+    out += ["| " + " | ".join(_code(r[0]) if i == 0 else r[i] for i in range(len(r))) + " |" for r in sweep_rows(table)]
     out += ["", *sweep_lines(table), "", "`*`: on the Pareto front (no other point is cheaper and at least as accurate)"]
     return "\n".join(out) + "\n"
 

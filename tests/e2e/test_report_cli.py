@@ -40,6 +40,17 @@ def test_markdown_exact(tmp_path: Path) -> None:
     assert "| `b` | conv2d | 3,000 | 10 | 4/2 | 24,000 | 75.0% | 5 |" in out
 
 
+def test_markdown_cells_keep_their_columns_with_pipes_and_backticks_in_names(tmp_path: Path) -> None:
+    run = _run(tmp_path, "r4", (4, 2), 98.5)
+    report = json.loads((run / "report.json").read_text())
+    report["layers"][1]["name"] = "fc|a`b"  # a module added with add_module may be named anything
+    (run / "report.json").write_text(json.dumps(report))
+    out = runner.invoke(app, ["report", str(run), "--format", "markdown"]).stdout.splitlines()
+    assert "| `` fc\\|a`b `` | conv2d | 3,000 | 10 | 4/2 | 24,000 | 75.0% | 5 |" in out
+    side = runner.invoke(app, ["report", str(run), str(run), "--format", "markdown"]).stdout.splitlines()
+    assert "| fc\\|a`b w/a | 4/2 | 4/2 |" in side
+
+
 def test_side_by_side(tmp_path: Path) -> None:
     a, b = _run(tmp_path, "r4", (4, 2), 98.5), _run(tmp_path, "r8", (8, 8), 99.0)
     md = runner.invoke(app, ["report", str(a), str(b), "--format", "markdown"])
