@@ -293,18 +293,25 @@ def _train(settings: CompressSettings, run_dir: Path, run: rundir.RunDir | None,
         if ctx.is_main:
             save_model(run_dir / "model.pt", qm, run_id or None)
             atomic.write_json(run_dir / "report.json", report)
+            if run is not None:
+                run.finished()  # a run this one replaced (--force) was kept until now
             note = rundir.point_latest(run_dir)
             if note:
                 on_event(Event("info", state.epoch, {"message": note}))
         ctx.barrier()
     except BaseException as exc:  # one handler: an interrupt may come out of a C extension as any other error
-        fresh = not saved_once and run is not None  # no checkpoint yet: the run directory is removed
+        # nothing trained yet: the run directory is removed, or the run it was replacing (--force) is put back
+        replacing = run is not None and run.replacing
+        fresh = run is not None and (not saved_once or (replacing and trainer.state.epoch == 0))
         if is_interrupt(exc):
             if fresh:
                 run.discard()
-                raise InterruptedRun(f"interrupted before the first checkpoint; {run_dir} was removed") from None
+                raise InterruptedRun(f"interrupted before the first epoch; the run it was replacing is back in {run_dir}"
+                                     if replacing else
+                                     f"interrupted before the first checkpoint; {run_dir} was removed") from None
+            held = f" (the run it replaces stays in {run_dir / rundir.HELD} until it finishes)" if replacing else ""
             raise InterruptedRun(f"interrupted; {run_dir} keeps the state after epoch {trainer.state.epoch}",
-                                 f"continue with: cgmq compress --resume {run_dir}") from None
+                                 f"continue with: cgmq compress --resume {run_dir}{held}") from None
         if ctx.enabled and isinstance(exc, RuntimeError) and not isinstance(exc, CgmqError):
             # gloo/NCCL: a peer died or hung; every rank stops
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -53,7 +53,8 @@ LATEST_TXT = "latest.txt"
 MARKER = ".cgmq-run"
 LOCK = ".cgmq-lock"
 FORMAT = "cgmq-run/1"
-RUN_FILES = ("config.json", "profile.yaml", "checkpoint.pt", "model.pt", "report.json", "train.log", MARKER, LOCK)
+HELD = ".cgmq-replaced"  # the run a --force replacement set aside until the new one finishes
+RUN_FILES = ("config.json", "profile.yaml", "checkpoint.pt", "model.pt", "report.json", "train.log", MARKER, LOCK, HELD)
 
 
 # ----------------------------------------------------------------------------- markers ---
@@ -234,14 +235,30 @@ class RunDir:
     id: str
     created: list[Path] = field(default_factory=list)  # directories made for it, deepest first
 
+    @property
+    def replacing(self) -> bool:
+        """Whether the run this one replaces (--force) is still set aside in :data:`HELD`."""
+        return (self.path / HELD).is_dir()
+
     def release(self) -> None:
         self.lock.release()
 
+    def finished(self) -> None:
+        """The new run is complete: the run it replaced is removed for good."""
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.path / HELD)
+
     def discard(self) -> None:
-        """Undo a run that failed before its first checkpoint: no empty shell is left behind."""
+        """Undo a run that failed before it trained anything: no empty shell is left behind, and a run it was
+        replacing (--force) is put back as it was."""
         with contextlib.suppress(OSError):
             if self.created and self.created[0] == self.path:
                 shutil.rmtree(self.path)
+            elif self.replacing:
+                _empty(self.path, keep=(LOCK, HELD))
+                for entry in (self.path / HELD).iterdir():
+                    entry.rename(self.path / entry.name)
+                (self.path / HELD).rmdir()
             else:
                 _empty(self.path)
         for folder in self.created[1:]:
@@ -258,6 +275,26 @@ def _empty(path: Path, keep: tuple[str, ...] = ()) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def _set_aside(path: Path) -> None:
+    """--force: move the run in ``path`` into :data:`HELD`, where it stays until the new run finishes.
+
+    A finished run there replaces whatever was held before. An unfinished one
+    is moved only when nothing is held: otherwise it is the remains of an
+    earlier replacement that never finished, and the run held for that one is
+    still the one to keep.
+    """
+    held = path / HELD
+    if held.is_dir() and not is_finished(path):
+        _empty(path, keep=(LOCK, HELD))
+        return
+    if held.exists():
+        shutil.rmtree(held)
+    held.mkdir()
+    for entry in path.iterdir():
+        if entry.name not in (LOCK, HELD):
+            entry.rename(held / entry.name)
 
 
 def prepare(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> RunDir:
@@ -282,7 +319,7 @@ def prepare(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> RunDir:
     try:
         lock.acquire()
         if force and read_marker(path) is not None:
-            _empty(path, keep=(LOCK,))
+            _set_aside(path)
         run_id = uuid.uuid4().hex
         write_json(path / MARKER, {"format": FORMAT, "id": run_id, "path": str(path.resolve()),
                                    "uid": os.getuid() if hasattr(os, "getuid") else None,

@@ -218,7 +218,13 @@ class _Sweep:
             rep.sweep_plot(table, self.out / "sweep.png")
         except UsageError as exc:  # matplotlib missing: the tables are written, the plot is not
             self.notify(f"note: sweep.png not written: {exc.message}; {exc.hint}")
+        if self.run is not None:
+            self.run.finished()  # a sweep this one replaced (--force) was kept until now
         return SweepResult(self.out, table)
+
+    def has_runs(self) -> bool:
+        """Whether any point left a run directory (finished, or kept to resume)."""
+        return any(p.is_dir() and not p.is_symlink() and p.name != rundir.HELD for p in self.out.iterdir())
 
     def close(self) -> None:
         if self.run is not None:
@@ -226,15 +232,19 @@ class _Sweep:
 
 
 def _guarded(sweep: _Sweep, body: Callable[[], SweepResult]) -> SweepResult:
-    """Run ``body``; on failure the points done so far stay recorded in sweep.json (``complete: false``)."""
+    """Run ``body``; on failure the points done so far stay recorded in sweep.json (``complete: false``), and
+    a sweep with none is undone."""
     try:
         return body()
-    except (CgmqError, KeyboardInterrupt):
+    except BaseException:
         if sweep.run is not None and sweep.points:
             try:
                 sweep.write(complete=False)
             except CgmqError:
                 pass
+        elif sweep.run is not None and not sweep.has_runs():
+            sweep.run.discard()  # nothing was run: no empty sweep is left, and a replaced one (--force) comes back
+            sweep.run = None
         raise
     finally:
         sweep.close()

@@ -299,3 +299,52 @@ def test_resume_of_a_finished_run_says_so(run_copy: Path) -> None:
     before = snapshot(run_copy)
     one_line_error(cli("compress", "--resume", run_copy), EXIT_BAD_INPUT, "is finished", "cgmq report")
     assert snapshot(run_copy) == before
+
+
+def test_force_keeps_the_replaced_run_until_the_new_one_finishes(digits_ckpt: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli.errors import DataError
+    from cgmq_cli.trainer import Trainer
+
+    out = tmp_path / "run"
+    assert _compress(digits_ckpt, out).exit_code == 0
+    before = snapshot(out, skip=(out / rundir.LOCK,))
+    real = Trainer.run
+
+    def broken(self, save=None):  # noqa: ANN001 - fails before an epoch is trained (a user's loss or data, a bug)
+        raise DataError("--data digits: a batch could not be read")
+
+    monkeypatch.setattr(Trainer, "run", broken)
+    one_line_error(_compress(digits_ckpt, out, "--force"), EXIT_BAD_INPUT, "could not be read")
+    assert snapshot(out, skip=(out / rundir.LOCK,)) == before  # the finished run is back as it was
+
+    def one_epoch_then_interrupted(self, save=None):  # noqa: ANN001
+        self.state.epoch = 1
+        save(self.state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run", one_epoch_then_interrupted)
+    stopped = _compress(digits_ckpt, out, "--force")
+    assert stopped.exit_code == EXIT_INTERRUPTED and str(out / rundir.HELD) in stopped.stderr
+    assert (out / rundir.HELD / "report.json").is_file() and not (out / "report.json").exists()
+    monkeypatch.setattr(Trainer, "run", real)
+    assert cli("compress", "--resume", out).exit_code == 0
+    assert (out / "report.json").is_file() and not (out / rundir.HELD).exists()  # finished: the old run is gone
+
+
+def test_a_forced_sweep_that_runs_nothing_puts_the_replaced_sweep_back(digits_ckpt: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli import compress
+    from cgmq_cli.errors import DataError
+
+    out = tmp_path / "sw"
+    args = ["sweep", digits_ckpt, "--arch", ARCH, *FAST, "--budgets", "rel_bops=5", "--out", out]
+    assert cli(*args).exit_code == 0
+    before = snapshot(out, skip=(out / rundir.LOCK,))
+
+    def broken(*_a, **_k):  # noqa: ANN002, ANN003
+        raise DataError("--data digits: a batch could not be read")
+
+    monkeypatch.setattr(compress, "compress", broken)
+    one_line_error(cli(*args, "--force"), EXIT_BAD_INPUT, "could not be read")
+    assert snapshot(out, skip=(out / rundir.LOCK,)) == before
