@@ -360,7 +360,12 @@ def report(
 
 def _report_sweep(table: dict, path: Path, fmt: str, plot: Optional[Path]) -> None:
     from cgmq_cli import report as rep
+    from cgmq_cli import sweep as sweep_mod
 
+    changed = sweep_mod.changed_points(path, table)
+    if changed:
+        render.info(f"note: {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} in {path} changed after "
+                    "the sweep (replaced, removed or edited); the table shows the sweep's own numbers")
     if plot is not None:
         rep.sweep_plot(table, plot)
         render.info(f"wrote {plot}")

@@ -308,6 +308,22 @@ def run_target(settings: "CompressSettings", key: str, low: float, high: float, 
     return _guarded(sweep, body)
 
 
+def changed_points(path: Path, table: dict) -> list[str]:
+    """The points whose run directory no longer holds the run the table records (replaced, removed or damaged)."""
+    from cgmq_cli import run_files
+
+    changed = []
+    for point in table["points"]:
+        try:
+            report = run_files.read_report(Path(path) / point["run"])
+        except CgmqError:
+            changed.append(point["run"])
+            continue
+        if report["accuracy"] != point["accuracy"] or report["cost"].get(table["key"]) != point["cost"][table["key"]]:
+            changed.append(point["run"])
+    return changed
+
+
 def is_sweep(path: Path) -> bool:
     return (Path(path) / SWEEP_FILE).is_file()
 

@@ -166,3 +166,17 @@ def test_an_augmentation_the_data_cannot_take_is_refused_before_the_sweep_direct
                        f"{tmp_path}/flat.py:fn", "--augment", "hflip", "--epochs", "1", "--budgets", "rel_bops=20,40",
                        "--out", out), EXIT_BAD_INPUT, "--augment hflip transforms images")
     assert not out.exists()
+
+
+def test_report_says_when_a_point_changed_after_the_sweep(swept, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "sw"
+    shutil.copytree(swept[0], out, symlinks=True)
+    assert "changed after the sweep" not in cli("report", out).stderr
+    report = json.loads((out / "rel_bops-1" / "report.json").read_text())
+    report["accuracy"]["quantized"] -= 5  # e.g. compress --force --out sw/rel_bops-1 with other settings
+    (out / "rel_bops-1" / "report.json").write_text(json.dumps(report))
+    shown = cli("report", out, "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["points"]  # stdout stays the table's JSON
+    assert f"note: rel_bops-1 in {out} changed after the sweep" in shown.stderr
