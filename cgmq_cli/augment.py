@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .errors import UsageError  # no torch at import: settings.py reads CHOICES when the CLI starts
 
+
 def _hflip(x: Any) -> Any:
     """A horizontal flip: mirror the last axis (an image's width) of a tensor or a numpy array."""
     if hasattr(x, "flip"):

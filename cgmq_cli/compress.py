@@ -31,6 +31,7 @@ from cgmq_cli.trainer import Event, Trainer, TrainConfig, TrainState, evaluate
 if TYPE_CHECKING:
     from cgmq_cli.sweep import Shared
 
+
 @dataclass(frozen=True)
 class CompressSettings:
     """Everything a run needs, resolved from flags, the project file and defaults."""
@@ -59,6 +60,7 @@ class CompressSettings:
         out = asdict(self)
         out["budget"] = self.budget.as_dict()
         return out
+
 
 @dataclass(frozen=True)
 class CompressResult:

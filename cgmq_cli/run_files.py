@@ -19,6 +19,7 @@ from cgmq_cli.sweep import SWEEP_FILE
 
 SOURCE_KINDS = ("state_dict", "pt2", "torchvision", "pickle")  # config.json's source.kind
 
+
 def _shape_error(path: Path, what: str) -> UsageError:
     return UsageError(f"{path} {what}; the run directory was damaged or edited",
                       "compress again, or restore the file")
