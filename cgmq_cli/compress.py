@@ -77,14 +77,14 @@ def check_budget(qm: QuantizedModel, budget: cost.Budget, profile: HardwareProfi
         raise UsageError(f"--budget-cost needs a profile with a cost table; {profile.name} counts BOPs",
                          "use --budget-bops, or a profile such as npu-4-8")
     mac_cost = profile.mac_cost if profile.cost_table else None
-    lowest = cost.extreme_cost(qm.shapes, qm.allowed(), mac_cost, lowest=True).as_dict()
+    lowest = cost.extreme_cost(qm.shapes, qm.allowed(), mac_cost, lowest=True, extras=qm.extras).as_dict()
     for name, limit in budget.limits().items():
         if lowest[name] > limit:
             raise InfeasibleBudgetError(
                 f"budget {name} = {limit:g} is below the minimum reachable {lowest[name]:g} "
                 f"(every tensor at its narrowest width allowed by profile {profile.name})",
                 f"raise the budget to at least {lowest[name]:g}, or use a profile that allows narrower widths")
-    highest = cost.extreme_cost(qm.shapes, qm.allowed(), mac_cost, lowest=False)
+    highest = cost.extreme_cost(qm.shapes, qm.allowed(), mac_cost, lowest=False, extras=qm.extras)
     if budget.is_satisfied_by(highest):
         return ["the budget is above the cost at the widest allowed widths: no quantization is needed to meet it"]
     return []

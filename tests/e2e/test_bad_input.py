@@ -422,3 +422,25 @@ def test_double_ctrl_c_prints_no_traceback(digits_ckpt: str, tmp_path: Path) -> 
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "Exception ignored" not in err
     assert err.strip().splitlines()[-2].startswith("error: interrupted")
+
+
+def test_a_cost_table_that_cannot_price_the_compute_left_in_float_is_refused_before_the_run(tmp_path: Path) -> None:
+    (tmp_path / "ct.py").write_text(
+        "from torch import nn\n\nclass CT(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.up = nn.ConvTranspose2d(4, 4, 3, padding=1)  # not quantized: counted in float (32 x 32)\n"
+        "        self.fc = nn.Linear(256, 10)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.up(self.conv(x)).flatten(1))\n")
+    torch.manual_seed(0)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        state = __import__("ct").CT().state_dict()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ct", None)
+    torch.save(state, tmp_path / "ct.pt")
+    out = tmp_path / "run"
+    result = cli("compress", tmp_path / "ct.pt", "--arch", f"{tmp_path}/ct.py:CT", "--profile", "npu-4-8",
+                 "--budget-cost", "1e6", "--data", "digits", "--epochs", "1", "--subset", "128", "--out", out)
+    one_line_error(result, EXIT_BAD_INPUT, "cost.table has no entry 32x32")
+    assert not out.exists() and "above the cost at the widest" not in result.output
