@@ -182,6 +182,10 @@ class CgmqGroup(TyperGroup):
         return _plain_coercion(super().get_command(ctx, name))
 
     def invoke(self, ctx: typer.Context) -> Any:
+        with render.json_only_stdout() if ctx.meta.get("cgmq_json") else contextlib.nullcontext():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CgmqError as exc:

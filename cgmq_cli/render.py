@@ -9,12 +9,13 @@ escaped; JSON output is escaped by the JSON encoder).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 
 from cgmq_cli.sanitize import clean
@@ -59,8 +60,26 @@ def info(message: str) -> None:
     sys.stderr.flush()
 
 
+_JSON_TARGET: list = []  # the real stdout while --json sends everything else to stderr
+
+
+@contextlib.contextmanager
+def json_only_stdout() -> Iterator[None]:
+    """Under ``--json`` stdout carries the one JSON object: anything else printed (an arch or data module's
+    ``print``) goes to stderr meanwhile."""
+    _JSON_TARGET.append(sys.stdout)
+    saved, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+        _JSON_TARGET.pop()
+
+
 def json_out(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    target = _JSON_TARGET[-1] if _JSON_TARGET else sys.stdout
+    target.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    target.flush()
 
 
 def _jsonable(obj: Any) -> Any:

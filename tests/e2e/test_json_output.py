@@ -116,3 +116,14 @@ def test_inspect_data_and_project_file(digits_ckpt: str, tmp_path: Path, monkeyp
     assert _one_object(from_yaml) == _one_object(with_data)
     (project / "cgmq.yaml").write_text(f"arch: {ARCH}\ninput_shape: [1, 1, 8, 8]\n")
     assert cli("inspect", "m.pt").exit_code == 0
+
+
+def test_prints_of_user_code_do_not_corrupt_the_json_on_stdout(digits_ckpt: str, tmp_path: Path) -> None:
+    (tmp_path / "loud.py").write_text(
+        "from cgmq_cli.models import DigitsCNN\n\n"
+        "def make():\n    print('building my model...')\n    return DigitsCNN()\n")
+    shown = cli("inspect", digits_ckpt, "--arch", f"{tmp_path}/loud.py:make", "--data", "digits", "--json")
+    assert shown.exit_code == 0 and _one_object(shown)["layers"]
+    assert "building my model..." in shown.stderr  # still seen, on stderr
+    failed = cli("inspect", digits_ckpt, "--arch", f"{tmp_path}/loud.py:make", "--input-shape", "1,1,x", "--json")
+    assert _one_object(failed)["exit_code"] == EXIT_BAD_INPUT
