@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import onnx
+import torch
 import pytest
 
 from cgmq_cli import atomic, rundir
@@ -348,3 +349,30 @@ def test_a_forced_sweep_that_runs_nothing_puts_the_replaced_sweep_back(digits_ck
     monkeypatch.setattr(compress, "compress", broken)
     one_line_error(cli(*args, "--force"), EXIT_BAD_INPUT, "could not be read")
     assert snapshot(out, skip=(out / rundir.LOCK,)) == before
+
+
+def test_resume_refuses_a_model_file_that_changed_since_the_run_started(digits_ckpt: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgmq_cli.trainer import Trainer
+
+    model = tmp_path / "m.pt"
+    shutil.copy(digits_ckpt, model)
+    real = Trainer.run
+
+    def one_epoch_then_interrupted(self, save=None):  # noqa: ANN001
+        self.state.epoch = 1
+        save(self.state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run", one_epoch_then_interrupted)
+    out = tmp_path / "run"
+    assert _compress(str(model), out).exit_code == EXIT_INTERRUPTED
+    monkeypatch.setattr(Trainer, "run", real)
+    original = model.read_bytes()
+    state = torch.load(model, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, model)  # other weights
+    before = snapshot(out, skip=(out / rundir.LOCK,))
+    one_line_error(cli("compress", "--resume", out), EXIT_BAD_INPUT, f"was started from {model}", "changed since")
+    assert snapshot(out, skip=(out / rundir.LOCK,)) == before
+    model.write_bytes(original)
+    assert cli("compress", "--resume", out).exit_code == 0
