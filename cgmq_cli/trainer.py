@@ -114,6 +114,7 @@ class Trainer:
         self.state = TrainState()
         self._batches = _cycle(train_loader)
         self._bad_streak = 0
+        self._finite_losses = 0  # batches whose loss was finite (gate steps and weight steps)
 
     # -- helpers ---------------------------------------------------------------
     def _emit(self, kind: str, epoch: int, /, **data: Any) -> None:
@@ -146,6 +147,7 @@ class Trainer:
         loss = self._forward_loss(model or self.qm.gm, x, y, amp and self.amp, training)
         if self.dist.all_true(bool(torch.isfinite(loss))):
             self._bad_streak = 0
+            self._finite_losses += 1
             return loss
         self.state.bad_batches += 1
         self._bad_streak += 1
@@ -347,7 +349,11 @@ class Trainer:
                     part.set_epoch(epoch)
             self._batches = _cycle(self.train_loader)  # every epoch starts its own pass of the sampler
             self._emit("epoch_start", epoch, epoch_kind=kind, epochs=len(schedule))
+            trained = self._finite_losses
             info = self.gate_epoch(epoch) if kind == "gate" else self.weight_epoch(epoch)
+            if self._finite_losses == trained:  # fewer batches than max_bad_batches, every one skipped
+                raise TrainingError(f"every batch's loss in epoch {epoch + 1} was NaN/inf; nothing was trained",
+                                    "check the data and the loss; the checkpoint of the last finished epoch is kept")
             metrics = evaluate(self.qm.gm, self.val_loader, self.loss_fn, self.config.device, self.dist)
             summary = self.costs.summary(self.qm.widths())
             record = {"epoch": epoch + 1, "epoch_kind": kind, **info, **metrics, "rel_bops": summary.rel_bops,

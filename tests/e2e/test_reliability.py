@@ -169,6 +169,10 @@ def test_nan_loss_skipped_then_aborts_keeping_checkpoint(digits_ckpt: str, tmp_p
     _assert_one_line_error(bad, EXIT_TRAINING_FAILED, "NaN/inf in 20 batches in a row")
     assert torch.load(tmp_path / "bad" / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert not (tmp_path / "bad" / "report.json").exists()
+    few = _compress(digits_ckpt, tmp_path / "few", "--loss", f"{loss}:always", "--epochs", "1", "--budget-rel-bops",
+                    "2", "--subset", "256", "--gate-steps", "5")  # fewer batches than the 20-in-a-row bound
+    _assert_one_line_error(few, EXIT_TRAINING_FAILED, "every batch's loss in epoch 1 was NaN/inf")
+    assert not (tmp_path / "few" / "report.json").exists()  # it used to finish with exit 0 and an accuracy
 
 
 def test_unwritable_output_fails_before_training(digits_ckpt: str, tmp_path: Path) -> None:
