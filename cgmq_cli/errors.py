@@ -98,8 +98,11 @@ OS_HINTS = {
 def os_error(exc: OSError, path: object = None, action: str = "write") -> OutputError:
     """One line for an OSError: ``cannot write PATH: No space left on device`` and what to do."""
     where = path if path is not None else (exc.filename if exc.filename is not None else None)
-    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
-    from cgmq_cli.sanitize import clean
+    from cgmq_cli.sanitize import clean, cut
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else
+                              f"{type(exc).__name__}: {cut(text, 200)}" if text else type(exc).__name__)
 
     subject = f" {clean(where)}" if where is not None else ""
     return OutputError(f"cannot {action}{subject}: {reason}", OS_HINTS.get(exc.errno or 0))

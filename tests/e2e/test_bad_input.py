@@ -444,3 +444,15 @@ def test_a_cost_table_that_cannot_price_the_compute_left_in_float_is_refused_bef
                  "--budget-cost", "1e6", "--data", "digits", "--epochs", "1", "--subset", "128", "--out", out)
     one_line_error(result, EXIT_BAD_INPUT, "cost.table has no entry 32x32")
     assert not out.exists() and "above the cost at the widest" not in result.output
+
+
+def test_an_unreadable_example_keeps_its_reason(digits_ckpt: str, tmp_path: Path) -> None:
+    (tmp_path / "records.py").write_text(
+        "import torch\nfrom torch.utils.data import Dataset\n\n"
+        "class Records(Dataset):\n    def __len__(self):\n        return 64\n\n"
+        "    def __getitem__(self, i):\n        if i == 40:\n            raise OSError('corrupt record 40 in shard-3.bin')\n"
+        "        return torch.zeros(1, 8, 8), i % 10\n\n"
+        "def fn():\n    return Records(), Records()\n")
+    result = cli("compress", digits_ckpt, "--arch", ARCH, "--data", f"{tmp_path}/records.py:fn", "--epochs", "1",
+                 "--budget-rel-bops", "5", "--out", tmp_path / "run")
+    one_line_error(result, EXIT_BAD_INPUT, "corrupt record 40 in shard-3.bin")  # was only "OSError"
