@@ -25,11 +25,21 @@ class GuardedLoss:
 
     def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         try:
-            return self.fn(out, target)
+            value = self.fn(out, target)
         except CgmqError:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (and bad labels) may raise anything
             raise loss_error(exc, self.spec, out) from None
+        what = f"--loss {cut(self.spec, 80)}" if self.spec else "the loss (cross-entropy)"
+        if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
+            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                   else f"a {type(value).__name__}")
+            raise DataError(f"{what} returned {got}, not one float number as a 0-dim tensor",
+                            "return e.g. F.cross_entropy(out, y) (reduction 'mean' or 'sum')")
+        if out.requires_grad and not value.requires_grad:
+            raise DataError(f"{what} returned a tensor detached from the model's output, so nothing can train",
+                            "compute it from `out` without .detach(), .item() or torch.tensor(...)")
+        return value
 
 
 def loss_error(exc: BaseException, spec: str | None, out: torch.Tensor) -> DataError:

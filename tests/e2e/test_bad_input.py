@@ -456,3 +456,18 @@ def test_an_unreadable_example_keeps_its_reason(digits_ckpt: str, tmp_path: Path
     result = cli("compress", digits_ckpt, "--arch", ARCH, "--data", f"{tmp_path}/records.py:fn", "--epochs", "1",
                  "--budget-rel-bops", "5", "--out", tmp_path / "run")
     one_line_error(result, EXIT_BAD_INPUT, "corrupt record 40 in shard-3.bin")  # was only "OSError"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("return 1.0", "returned a float, not one float number"),
+    ("return F.cross_entropy(out, y, reduction='none')", "returned a torch.float32 tensor of shape (64,)"),
+    ("return torch.tensor(3)", "returned a torch.int64 tensor of shape ()"),
+    ("return F.cross_entropy(out, y).detach()", "detached from the model's output"),
+])
+def test_a_loss_that_returns_no_trainable_number_is_named(digits_ckpt: str, tmp_path: Path, body: str,
+                                                          needle: str) -> None:
+    (tmp_path / "odd.py").write_text(f"import torch\nfrom torch.nn import functional as F\n\n"
+                                     f"def odd(out, y):\n    {body}\n")
+    result = cli("compress", digits_ckpt, "--arch", ARCH, *FAST, "--budget-rel-bops", "5", "--loss",
+                 f"{tmp_path}/odd.py:odd", "--out", tmp_path / "run")
+    one_line_error(result, EXIT_BAD_INPUT, "--loss", needle)  # was "internal error ... this is a bug in cgmq"
