@@ -347,11 +347,13 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
         if checked_flags.get("profile") is None and project.get("profile") is not None:  # name the file, not a flag
             raise type(exc)(f"{source}: profile: {exc.message}", exc.hint) from None
         raise
-    if str(values.get("device") or "").startswith("cuda") and checked_flags.get("device") is None:
+    device = str(values.get("device") or "cpu")
+    if device != "cpu" and checked_flags.get("device") is None:  # from the project file: name it, not --device
         import torch
 
-        if not torch.cuda.is_available():
-            raise UsageError(f"{source}: device = {values['device']}: CUDA is not available on this machine",
+        backend = "CUDA" if device.startswith("cuda") else "MPS"
+        if not (torch.cuda.is_available() if backend == "CUDA" else torch.backends.mps.is_available()):
+            raise UsageError(f"{source}: device = {device}: {backend} is not available on this machine",
                              "set device: cpu there, or pass --device cpu")
     budgets = profile.default_budgets.as_dict()
     budgets.update({k: v for k, v in (project.get("budgets") or {}).items() if v is not None})

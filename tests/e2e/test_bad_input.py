@@ -151,6 +151,13 @@ def test_a_dangling_project_file_link_is_an_error_not_no_project_file(digits_ckp
                    "cgmq.yaml is a symbolic link to a missing file")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS must be unavailable")
+def test_mps_where_there_is_none_is_one_line_before_any_run(digits_ckpt: str, tmp_path: Path) -> None:
+    one_line_error(_compress(digits_ckpt, tmp_path / "run", "--device", "mps"), EXIT_BAD_INPUT,
+                   "--device mps: Apple's Metal (MPS) is not available")  # was an internal error
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the project file's device must be unavailable")
 def test_a_project_files_cuda_device_is_named_when_cuda_is_missing(digits_ckpt: str, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
