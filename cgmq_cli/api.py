@@ -410,9 +410,9 @@ def sweep_target(settings: "CompressSettings", key: str, low: float, high: float
 
 def is_sweep(path: str | Path) -> bool:
     """Whether ``path`` is a sweep directory (it holds sweep.json)."""
-    from cgmq_cli.sweep import SWEEP_FILE
+    from cgmq_cli import sweep as sweep_mod
 
-    return (Path(path) / SWEEP_FILE).is_file()
+    return sweep_mod.is_sweep(Path(path))
 
 
 def load_sweep(path: str | Path) -> dict:

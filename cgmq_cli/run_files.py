@@ -15,7 +15,7 @@ from cgmq_cli.atomic import read_json
 from cgmq_cli.errors import CheckpointError, UsageError
 from cgmq_cli.rundir import MARKER, run_id
 from cgmq_cli.sanitize import short
-from cgmq_cli.sweep import SWEEP_FILE
+from cgmq_cli.sweep import is_sweep
 
 SOURCE_KINDS = ("state_dict", "pt2", "torchvision", "pickle")  # config.json's source.kind
 
@@ -38,7 +38,7 @@ SOURCE_KEYS = ("model", "arch", "trusted", "sha256", "kind", "sample_shape")
 
 def _refuse_sweep(run_dir: Path) -> None:
     """A sweep directory holds runs but is not one: say which to pass instead of "config.json is missing"."""
-    if (run_dir / SWEEP_FILE).is_file():
+    if is_sweep(run_dir):
         runs = sorted(p.name for p in run_dir.iterdir() if not p.is_symlink() and (p / "report.json").is_file())
         raise UsageError(f"{run_dir} is a sweep, not one run",
                          f"pass one of its runs, e.g. {run_dir / runs[0]}" if runs else "pass one of its runs")
