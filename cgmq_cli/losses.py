@@ -30,7 +30,7 @@ class GuardedLoss:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code (and bad labels) may raise anything
             raise loss_error(exc, self.spec, out) from None
-        what = f"--loss {cut(self.spec, 80)}" if self.spec else "the loss (cross-entropy)"
+        what = _named(self.spec)
         if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                    else f"a {type(value).__name__}")
@@ -42,8 +42,12 @@ class GuardedLoss:
         return value
 
 
+def _named(spec: str | None) -> str:
+    return f"--loss {cut(spec, 80)}" if spec else "the loss (cross-entropy)"
+
+
 def loss_error(exc: BaseException, spec: str | None, out: torch.Tensor) -> DataError:
-    what = f"--loss {cut(spec, 80)}" if spec else "the loss (cross-entropy)"
+    what = _named(spec)
     if isinstance(exc, SystemExit):
         return DataError(f"{what} called sys.exit({cut(exc.code, 40)})", "a loss function must return a tensor")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
