@@ -91,10 +91,10 @@ def check_budget(qm: QuantizedModel, budget: cost.Budget, profile: HardwareProfi
 
 
 def _build(settings: CompressSettings, run_dir: Path | None = None) -> tuple[nn.Module, QuantizedModel, data.DataBundle, HardwareProfile, checkpoint.ModelSource]:
-    if settings.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {settings.train.device}: CUDA is not available on this machine", "use --device cpu")
-    if settings.train.device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple's Metal (MPS) is not available on this machine", "use --device cpu")
+    backend = distributed.missing_backend(settings.train.device)
+    if backend is not None:
+        raise UsageError(f"--device {settings.train.device}: {backend} is not available on this machine",
+                         "use --device cpu")
     profile = resolve_profile(settings, run_dir)
     model, source = checkpoint.load_model(settings.model, settings.arch, settings.trust)
     if source.fixed_batch is not None:

@@ -91,6 +91,15 @@ def from_env(device: str) -> DistContext:
                        device=f"cuda:{local}" if backend == "nccl" else "cpu")
 
 
+def missing_backend(device: str) -> str | None:
+    """The backend ``device`` needs when this machine lacks it; None when it is there (or ``device`` is cpu)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "Apple's Metal (MPS)"
+    return None
+
+
 def device_for(ctx: DistContext, device: str) -> str:
     """``cuda`` becomes ``cuda:<local rank>`` in a distributed run."""
     return f"cuda:{ctx.local_rank}" if ctx.enabled and device == "cuda" else device

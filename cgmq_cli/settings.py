@@ -348,11 +348,11 @@ def resolve_compress(flags: dict, budget_flags: dict, project_file: bool = True)
             raise type(exc)(f"{source}: profile: {exc.message}", exc.hint) from None
         raise
     device = str(values.get("device") or "cpu")
-    if device != "cpu" and checked_flags.get("device") is None:  # from the project file: name it, not --device
-        import torch
+    if checked_flags.get("device") is None:  # from the project file: name it, not --device (compress checks flags)
+        from cgmq_cli.distributed import missing_backend
 
-        backend = "CUDA" if device.startswith("cuda") else "MPS"
-        if not (torch.cuda.is_available() if backend == "CUDA" else torch.backends.mps.is_available()):
+        backend = missing_backend(device)
+        if backend is not None:
             raise UsageError(f"{source}: device = {device}: {backend} is not available on this machine",
                              "set device: cpu there, or pass --device cpu")
     budgets = profile.default_budgets.as_dict()
