@@ -101,9 +101,14 @@ def blocks(report: dict) -> list:
     return [layers, budgets, *lines, *notes(report)]
 
 
+def _cell(text: Any) -> str:
+    """``text`` for a Markdown table cell: a ``|`` in it would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _code(text: Any) -> str:
     """``text`` as a Markdown code span that survives a table cell: ``|`` escaped, a fence longer than any backtick run."""
-    text = str(text).replace("|", "\\|")
+    text = _cell(text)
     fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
     pad = " " if fence != "`" else ""
     return f"{fence}{pad}{text}{pad}{fence}"
@@ -162,8 +167,8 @@ def comparison_rows(reports: Sequence[dict]) -> tuple[list[str], list[list[str]]
 
 def comparison_markdown(reports: Sequence[dict]) -> str:
     header, rows = comparison_rows(reports)
-    out = ["| " + " | ".join(c.replace("|", "\\|") for c in header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    out = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
     return "\n".join(out) + "\n"
 
 
