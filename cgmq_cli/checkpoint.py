@@ -62,6 +62,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_unchanged(source: Mapping[str, Any]) -> bool:
+    """Whether the model file a run's config.json ``source`` names is still there with the bytes it recorded."""
+    path = Path(source["model"])
+    return path.is_file() and file_sha256(path) == source["sha256"]
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"model file not found: {path}", "check the path, or use torchvision:NAME for a stock model")

@@ -214,9 +214,8 @@ def resume(run_dir: Path, on_event: Callable[[Event], None] | None = None, trust
     request = replace(request, out=str(run_dir), trust=trust)
     source = config["source"]
     if source.get("sha256"):  # the checkpoint continues training of that very model
-        path = Path(source["model"])
-        if not path.is_file() or checkpoint.file_sha256(path) != source["sha256"]:
-            raise UsageError(f"{run_dir} was started from {path}, which is missing or changed since",
+        if not checkpoint.source_unchanged(source):
+            raise UsageError(f"{run_dir} was started from {Path(source['model'])}, which is missing or changed since",
                              "restore that model file to resume, or start a new run")
     vet_code(run_dir, code_specs(request, request.arch), trust, notify)
     return compress(request, on_event, resume=True)

@@ -188,7 +188,7 @@ def original_model(run_dir: Path, settings, trust: bool = False) -> torch.nn.Mod
         model, _ = checkpoint.load_model(source["model"], None, False)
         return model.eval()
     path = Path(source["model"])
-    if not path.is_file() or checkpoint.file_sha256(path) != source["sha256"]:
+    if not checkpoint.source_unchanged(source):
         raise UsageError(f"--float exports the model the run was made from, {path}, which is missing or changed since",
                          "restore that file, or drop --float")
     model, _ = checkpoint.load_model(str(path), source["arch"], trust)

@@ -108,7 +108,7 @@ def load_run(run_dir: Path, trust: bool = False, notify: Callable[[str], None] |
         model = checkpoint.build_arch(arch, checkpoint.guess_num_classes(user_state) if arch.startswith(checkpoint.TORCHVISION) else None)
     else:
         path = Path(source["model"])
-        if not path.is_file() or checkpoint.file_sha256(path) != source["sha256"]:
+        if not checkpoint.source_unchanged(source):
             raise UsageError(f"the run was made from {path}, which is missing or changed since",
                              "restore the original model file to rebuild this run")
         if source["kind"] == "pickle" and not trust:
